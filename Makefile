@@ -1,0 +1,39 @@
+# The README's two commands are `make demo` and `make test`; each does all set-up.
+SHELL := /bin/bash
+PY    := .venv/bin/python
+CODE  := strategy stream
+
+.PHONY: setup system-deps kafka-jars lint test test-fast demo bench clean
+
+setup:
+	@scripts/bootstrap.sh >/dev/null
+
+system-deps:
+	@scripts/system-deps.sh
+
+kafka-jars: system-deps
+	@python3 deploy/kafka/local_kafka.py fetch >/dev/null
+
+lint: setup
+	.venv/bin/ruff check $(CODE) tests deploy
+	.venv/bin/ruff format --check $(CODE) tests deploy
+	$(PY) -m mypy $(CODE)
+
+# Default test run: quality gates, unit tests, and integration tests against a real
+# Kafka broker and a real Prometheus that the fixtures start and stop.
+test: setup system-deps kafka-jars lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only: no broker, no Prometheus.
+test-fast: setup
+	$(PY) -m pytest -m "not kafka and not prometheus" $(PYTEST_ARGS)
+
+# The main job: the whole pipeline, locally (broker, producer, service).
+demo: setup system-deps kafka-jars
+	$(PY) -m spacenet.stream.cli demo $(DEMO_ARGS)
+
+bench: setup
+	$(PY) -m spacenet.stream.cli bench $(BENCH_ARGS)
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""SpaceNet, the method: sparse per-task training with neuron reservation, as an Avalanche plugin."""

@@ -1,0 +1,1 @@
+"""The SpaceNet streaming service: Kafka in, sparse task training, predictions and metrics out."""
