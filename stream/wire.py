@@ -1,0 +1,294 @@
+"""Wire format version 1: a Kafka message value is one Arrow IPC stream of one record batch.
+
+Spec: ``docs/wire-format.md``. ``decode`` raises only ``WireError``, whose bounded ``reason``
+is safe as a metric label.
+
+>>> import numpy as np
+>>> value = encode(np.zeros((2, 1, 28, 28), np.uint8), np.array([3, 4]), tasks=0)
+>>> msg = decode(value, make_headers(Marker.TASK_START, 0), WireLimits(expected_shape=(1, 28, 28)))
+>>> msg.num_records, tuple(msg.features.shape), msg.labels.tolist(), msg.marker.value, msg.marker_task
+(2, (2, 1, 28, 28), [3, 4], 'task-start', 0)
+>>> decode(b"", make_headers(Marker.TASK_END, 0), WireLimits()).is_control  # a control message
+True
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.dlpack import from_dlpack
+
+SCHEMA_VERSION = "1"
+_VERSION = SCHEMA_VERSION.encode()
+VERSION_HEADER, MARKER_HEADER, TASK_HEADER = "spacenet-schema-version", "spacenet-marker", "spacenet-task"
+VERSION_KEY, SHAPE_KEY = b"spacenet.schema_version", b"spacenet.shape"
+EVENT_TIME_TYPE = pa.timestamp("ms", tz="UTC")
+Headers = Sequence[tuple[str, bytes | None]]  # as Kafka clients hand them over; a None value reads as b""
+_OPTIONAL_TYPES = {"label": pa.int64(), "task": pa.int64(), "event_time": EVENT_TIME_TYPE}
+_DIM = re.compile(rb"[1-9][0-9]{0,8}")  # at most 8 dims of at most 9 digits: no huge-int parsing
+_TASK_ID = re.compile(rb"[0-9]{1,18}")
+# What hostile bytes raise inside pyarrow and our flatbuffer peek; all of it means undecodable.
+_DECODE_ERRORS = (pa.ArrowException, OSError, ValueError, struct.error, IndexError, OverflowError)
+
+
+class RejectReason(StrEnum):
+    """Why a message was rejected: a small fixed set, safe as a Prometheus label value."""
+
+    UNDECODABLE = "undecodable"
+    EMPTY = "empty"
+    TOO_LARGE = "too_large"
+    SCHEMA_VERSION = "schema_version"
+    SCHEMA = "schema"
+    DTYPE = "dtype"
+    SHAPE = "shape"
+    LABEL_MISSING = "label_missing"
+    LABEL_NEGATIVE = "label_negative"
+    LABEL_OUT_OF_RANGE = "label_out_of_range"
+    TASK = "task"
+    MARKER = "marker"
+    NON_FINITE = "non_finite"
+
+
+class Marker(StrEnum):
+    """Explicit task boundary carried in the ``spacenet-marker`` header."""
+
+    TASK_START = "task-start"
+    TASK_END = "task-end"
+
+
+class WireError(Exception):
+    """A message that does not decode or validate; ``reason`` is bounded, ``detail`` is for humans."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _ensure(ok: bool, reason: RejectReason, detail: str) -> None:
+    if not ok:
+        raise WireError(reason, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class WireLimits:
+    """What ``decode`` accepts; ``require_label=False`` is for prediction requests."""
+
+    max_message_bytes: int = 8 << 20
+    max_records: int = 10_000
+    max_features: int = 1 << 20
+    expected_shape: tuple[int, ...] | None = None
+    num_classes_max: int | None = None
+    require_label: bool = True
+
+    def __post_init__(self) -> None:
+        maxima = (self.max_message_bytes, self.max_records, self.max_features, self.num_classes_max)
+        if any(limit is not None and limit < 1 for limit in maxima):
+            raise ValueError("WireLimits maxima must be positive")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Decoded:
+    """One decoded message. ``features`` (and ``labels``, ``tasks``, ``event_time``) share memory
+    with the immutable message value: never write them in place; ``.clone()`` first."""
+
+    features: torch.Tensor
+    labels: npt.NDArray[np.int64] | None
+    tasks: npt.NDArray[np.int64] | None
+    event_time: npt.NDArray[np.datetime64] | None
+    shape: tuple[int, ...]
+    marker: Marker | None
+    marker_task: int | None
+    num_records: int
+    nbytes: int
+
+    @property
+    def is_control(self) -> bool:
+        """True for an empty-valued message that only carries a marker."""
+        return self.num_records == 0
+
+
+def make_headers(marker: Marker | None = None, task: int | None = None) -> list[tuple[str, bytes]]:
+    """Kafka headers for a v1 message; a marker needs its task id and vice versa.
+
+    >>> make_headers(Marker.TASK_END, 7)
+    [('spacenet-schema-version', b'1'), ('spacenet-marker', b'task-end'), ('spacenet-task', b'7')]
+    """
+    if (marker is None) != (task is None) or not 0 <= (task or 0) < 10**18:
+        raise ValueError(f"marker and a task id in [0, 1e18) go together, got {marker!r}, {task!r}")
+    headers = [(VERSION_HEADER, _VERSION)]
+    if marker is not None:
+        headers += [(MARKER_HEADER, Marker(marker).value.encode()), (TASK_HEADER, str(task).encode())]
+    return headers
+
+
+def encode(
+    features: npt.NDArray[Any],
+    labels: npt.ArrayLike | None = None,
+    *,
+    tasks: npt.ArrayLike | None = None,
+    event_time: npt.ArrayLike | None = None,
+) -> bytes:
+    """Serialize ``features`` of shape (N, *shape), uint8 or float32, into one message value.
+
+    ``tasks`` is one id for all records or one per record; ``event_time`` is datetime64 (any
+    unit, truncated to ms) or int64 ms since the epoch. Columns left as None are not written.
+    """
+    if features.dtype not in (np.uint8, np.float32) or not 2 <= features.ndim <= 9 or 0 in features.shape:
+        raise ValueError("features must be uint8 or float32 of shape (N, *shape), 1 to 8 dims, none 0")
+    shape = features.shape[1:]
+    flat = pa.array(np.ascontiguousarray(features).reshape(-1))
+    columns = {"features": pa.FixedSizeListArray.from_arrays(flat, math.prod(shape))}
+    if labels is not None:  # pa.record_batch rejects columns of another length
+        columns["label"] = pa.array(np.asarray(labels, np.int64))
+    if tasks is not None:
+        columns["task"] = pa.array(np.broadcast_to(np.asarray(tasks, np.int64), len(features)))
+    if event_time is not None:
+        times = np.asarray(event_time)
+        millis = times.astype("datetime64[ms]").view(np.int64) if times.dtype.kind == "M" else times
+        columns["event_time"] = pa.array(np.asarray(millis, np.int64), EVENT_TIME_TYPE)
+    metadata = {VERSION_KEY: SCHEMA_VERSION, SHAPE_KEY: ",".join(map(str, shape))}
+    batch = pa.record_batch(columns, metadata=metadata)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()  # type: ignore[no-any-return]
+
+
+def decode(value: bytes | None, headers: Headers | None, limits: WireLimits) -> Decoded:
+    """Validate and decode one message, raising only ``WireError``; the first failing check (in
+    the order of ``docs/wire-format.md``) names the reason. A None value counts as empty."""
+    nbytes = len(value) if value is not None else 0
+    _ensure(nbytes <= limits.max_message_bytes, RejectReason.TOO_LARGE, f"{nbytes} bytes > limit")
+    header_version, marker, marker_task = _read_headers(headers or ())
+    if not value:
+        _ensure(marker is not None, RejectReason.EMPTY, "empty value without a marker header")
+        _ensure(header_version is not None, RejectReason.SCHEMA_VERSION, "control message needs a version")
+        empty = torch.empty((0,), dtype=torch.uint8)
+        return Decoded(empty, None, None, None, (), marker, marker_task, 0, nbytes)
+    try:
+        batch, shape = _read_stream(value, header_version, limits)
+        features = from_dlpack(batch.column("features").flatten()).reshape(batch.num_rows, *shape)
+        labels, tasks = _labels(batch, limits), _column(batch, "task", RejectReason.TASK)
+        event_time = _column(batch, "event_time", RejectReason.SCHEMA)
+    except _DECODE_ERRORS as exc:
+        raise WireError(RejectReason.UNDECODABLE, f"{type(exc).__name__}: {exc}"[:300]) from exc
+    finite = features.dtype != torch.float32 or bool(torch.isfinite(features).all())
+    _ensure(finite, RejectReason.NON_FINITE, "features contain NaN or infinity")
+    return Decoded(features, labels, tasks, event_time, shape, marker, marker_task, batch.num_rows, nbytes)
+
+
+def _read_headers(headers: Headers) -> tuple[str | None, Marker | None, int | None]:
+    found: dict[str, bytes] = {}
+    for key, raw in headers:
+        if key in (VERSION_HEADER, MARKER_HEADER, TASK_HEADER):
+            reason = RejectReason.SCHEMA_VERSION if key == VERSION_HEADER else RejectReason.MARKER
+            _ensure(found.setdefault(key, raw or b"") == (raw or b""), reason, f"conflicting {key} headers")
+    version = found.get(VERSION_HEADER)
+    _ensure(version in (None, _VERSION), RejectReason.SCHEMA_VERSION, f"header version {version!r:.24}")
+    header_version = None if version is None else SCHEMA_VERSION
+    raw_marker, raw_task = found.get(MARKER_HEADER), found.get(TASK_HEADER)
+    if raw_marker is None and raw_task is None:
+        return header_version, None, None
+    markers = {m.value.encode(): m for m in Marker}
+    if raw_marker not in markers or raw_task is None or not _TASK_ID.fullmatch(raw_task):
+        raise WireError(RejectReason.MARKER, f"bad marker/task headers {raw_marker!r:.40}, {raw_task!r:.40}")
+    return header_version, markers[raw_marker], int(raw_task)
+
+
+def _read_stream(value: bytes, header_version: str | None, limits: WireLimits) -> tuple[pa.RecordBatch, Any]:
+    """Read the stream message by message; the batch's buffers stay views of ``value``."""
+    source = pa.BufferReader(pa.py_buffer(value))
+    messages: Iterator[Any] = iter(pa.ipc.MessageReader.open_stream(source))
+    first = next(messages, None)
+    _ensure(first is not None and first.type == "schema", RejectReason.UNDECODABLE, "no schema message")
+    schema = pa.ipc.read_schema(first)
+    shape = _check_schema(schema, header_version, limits)
+    message: Any = next(messages, None)
+    _ensure(message is not None, RejectReason.EMPTY, "stream holds no record batch")
+    _ensure(message.type == "record batch", RejectReason.SCHEMA, f"unexpected {message.type} message")
+    # Decompression would allocate whatever the sender declares, far beyond the message size.
+    _ensure(not _body_compressed(message.metadata), RejectReason.SCHEMA, "compressed body")
+    batch = pa.ipc.read_record_batch(message, schema)
+    _ensure(batch.num_rows > 0, RejectReason.EMPTY, "record batch has zero rows")
+    _ensure(batch.num_rows <= limits.max_records, RejectReason.TOO_LARGE, f"{batch.num_rows} records")
+    batch.validate(full=True)  # buffers must cover the declared lengths before anything reads them
+    _ensure(next(messages, None) is None, RejectReason.SCHEMA, "more than one record batch")
+    _ensure(source.tell() == len(value), RejectReason.UNDECODABLE, "trailing bytes after end of stream")
+    column = batch.column("features")
+    _ensure(not column.null_count and not column.values.null_count, RejectReason.SCHEMA, "null features")
+    return batch, shape
+
+
+def _body_compressed(meta: Any) -> bool:
+    """Whether the RecordBatch flatbuffer (already verified by Arrow) has a compression field."""
+
+    def field(table: int, slot: int) -> int:  # where a table's field lies, 0 when absent
+        vtable = table - struct.unpack_from("<i", meta, table)[0]
+        if vtable < 0 or 6 + 2 * slot > struct.unpack_from("<H", meta, vtable)[0]:
+            return 0
+        offset: int = struct.unpack_from("<H", meta, vtable + 4 + 2 * slot)[0]
+        return table + offset if offset else 0
+
+    header = field(struct.unpack_from("<I", meta, 0)[0], 2)  # Message.header: the RecordBatch table
+    return header > 0 and field(header + struct.unpack_from("<I", meta, header)[0], 3) > 0
+
+
+def _check_schema(schema: pa.Schema, header_version: str | None, limits: WireLimits) -> tuple[int, ...]:
+    meta = schema.metadata or {}
+    version = meta.get(VERSION_KEY)
+    _ensure(version is not None or header_version is not None, RejectReason.SCHEMA_VERSION, "no version")
+    _ensure(version in (None, _VERSION), RejectReason.SCHEMA_VERSION, f"metadata version {version!r:.24}")
+    names = schema.names
+    known = len(set(names)) == len(names) and set(names) <= {"features", *_OPTIONAL_TYPES}
+    _ensure(known and "features" in names, RejectReason.SCHEMA, f"columns {names!r:.120}")
+    ftype = schema.field("features").type
+    _ensure(pa.types.is_fixed_size_list(ftype), RejectReason.SCHEMA, f"features is {ftype}")
+    _ensure(ftype.value_type in (pa.uint8(), pa.float32()), RejectReason.DTYPE, f"features of {ftype}")
+    for name, expected in _OPTIONAL_TYPES.items():
+        actual = schema.field(name).type if name in names else expected
+        _ensure(actual == expected, RejectReason.DTYPE, f"{name} is {actual}, not {expected}")
+    raw_shape = meta.get(SHAPE_KEY, b"")
+    parts = raw_shape.split(b",")
+    valid = len(parts) <= 8 and all(_DIM.fullmatch(part) for part in parts)
+    _ensure(valid, RejectReason.SHAPE, f"bad or missing shape metadata {raw_shape!r:.60}")
+    shape = tuple(int(part) for part in parts)
+    _ensure(math.prod(shape) == ftype.list_size, RejectReason.SHAPE, f"{shape} != {ftype.list_size}")
+    expected_shape = shape if limits.expected_shape is None else tuple(limits.expected_shape)
+    _ensure(shape == expected_shape, RejectReason.SHAPE, f"shape {shape} != {expected_shape}")
+    _ensure(ftype.list_size <= limits.max_features, RejectReason.TOO_LARGE, f"{ftype.list_size} features")
+    return shape
+
+
+def _labels(batch: pa.RecordBatch, limits: WireLimits) -> npt.NDArray[np.int64] | None:
+    """All labels, or None for a request with any label absent; present ones are range-checked."""
+    column = batch.column("label") if "label" in batch.schema.names else None
+    complete = column is not None and not column.null_count
+    _ensure(complete or not limits.require_label, RejectReason.LABEL_MISSING, "record without a label")
+    if column is None or column.null_count == len(column):
+        return None
+    low, high = (bound.as_py() for bound in pc.min_max(column).values())
+    _ensure(low >= 0, RejectReason.LABEL_NEGATIVE, f"label {low} < 0")
+    in_range = limits.num_classes_max is None or high < limits.num_classes_max
+    _ensure(in_range, RejectReason.LABEL_OUT_OF_RANGE, f"label {high} >= {limits.num_classes_max}")
+    return column.to_numpy(zero_copy_only=True) if complete else None
+
+
+def _column(batch: pa.RecordBatch, name: str, reason: RejectReason) -> Any:
+    """An optional column as a zero-copy numpy view; no nulls, and ids are never negative."""
+    if name not in batch.schema.names:
+        return None
+    column = batch.column(name)
+    valid = not column.null_count and (column.type != pa.int64() or pc.min(column).as_py() >= 0)
+    _ensure(valid, reason, f"{name} has nulls or negative ids")
+    return column.to_numpy(zero_copy_only=True)
