@@ -26,7 +26,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def _usage() -> str:
     width = max(map(len, SUBCOMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items())
-    return f"usage: spacenet <command> [options]\n\ncommands:\n{rows}\n\n'spacenet <command> --help' for a command's options."
+    return (
+        f"usage: spacenet <command> [options]\n\ncommands:\n{rows}\n\n"
+        "'spacenet <command> --help' for a command's options."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import shutil
 import signal
@@ -77,8 +78,14 @@ def fetch_jars(version: str = KAFKA_VERSION, cache: Path | None = None) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     cmd = [
-        "mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-        "-DincludeScope=runtime", f"-Dkafka.version={version}",
+        "mvn",
+        "-q",
+        "-B",
+        "-f",
+        str(POM),
+        "dependency:copy-dependencies",
+        "-DincludeScope=runtime",
+        f"-Dkafka.version={version}",
         f"-DoutputDirectory={partial}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -183,11 +190,14 @@ class LocalKafka:
         if java is None:
             raise KafkaError("java is not on PATH (OpenJDK 17 or newer is needed)")
         return [
-            java, *JVM_OPTS,
+            java,
+            *JVM_OPTS,
             f"-Djava.io.tmpdir={self.run_dir / 'tmp'}",
             f"-Dlog4j.configuration=file:{self.run_dir / 'log4j.properties'}",
             f"-Dkafka.logs.dir={self.log_file.parent}",
-            "-cp", f"{libs}/*", *args,
+            "-cp",
+            f"{libs}/*",
+            *args,
         ]
 
     # lifecycle ---------------------------------------------------------------
@@ -216,19 +226,29 @@ class LocalKafka:
         shutil.rmtree(self.run_dir / "data", ignore_errors=True)
         cfg = self._write_config(port, cport)
         fmt = subprocess.run(
-            self._java(libs, "kafka.tools.StorageTool", "format", "-t", _cluster_id(),
-                       "-c", str(cfg), "--ignore-formatted"),
-            capture_output=True, text=True,
+            self._java(
+                libs,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                _cluster_id(),
+                "-c",
+                str(cfg),
+                "--ignore-formatted",
+            ),
+            capture_output=True,
+            text=True,
         )
         if fmt.returncode != 0:
             raise KafkaError(f"formatting the KRaft log dir failed:\n{fmt.stdout}{fmt.stderr}")
-        out = open(self.run_dir / "logs" / "stdout.log", "ab")
-        proc = subprocess.Popen(
-            self._java(libs, "kafka.Kafka", str(cfg)),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        out.close()
+        with open(self.run_dir / "logs" / "stdout.log", "ab") as out:
+            proc = subprocess.Popen(
+                self._java(libs, "kafka.Kafka", str(cfg)),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.pid_file.write_text(f"{proc.pid}\n")
         bootstrap = f"127.0.0.1:{port}"
         deadline = time.monotonic() + self.start_timeout_s
@@ -260,10 +280,8 @@ class LocalKafka:
     def _log_tail(self, n: int = 40) -> str:
         lines: list[str] = []
         for f in (self.run_dir / "logs" / "stdout.log", self.log_file):
-            try:
+            with contextlib.suppress(OSError):
                 lines += f.read_text(errors="replace").splitlines()[-n:]
-            except OSError:
-                pass
         return "\n".join(lines[-n:])
 
     def stop(self, timeout_s: float = 30.0) -> None:

@@ -1,0 +1,165 @@
+"""SpaceNet as an Avalanche plugin: drops into any ``SupervisedTemplate``.
+
+    >>> from avalanche.training import Naive                       # doctest: +SKIP
+    >>> plugin = SpaceNetPlugin(seed=0)                            # doctest: +SKIP
+    >>> strategy = Naive(model, torch.optim.SGD(model.parameters(), lr=0.01),
+    ...                  train_mb_size=128, train_epochs=4, plugins=[plugin])  # doctest: +SKIP
+    >>> for exp in benchmark.train_stream:                         # doctest: +SKIP
+    ...     strategy.train(exp)
+    >>> print(plugin.capacity().table())                           # doctest: +SKIP
+
+The plugin is a thin adapter: the method lives in ``SpaceNet`` (``spacenet.py``),
+which the streaming service drives directly as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch import Tensor, nn
+
+from spacenet.strategy.calibration import TaskLogitNorm
+from spacenet.strategy.capacity import CapacityReport
+from spacenet.strategy.spacenet import ExhaustedPolicy, SpaceNet
+
+
+def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """True for SGD with one parameter group, no momentum and no weight decay: then
+    masked gradients alone keep frozen weights exact and dw = -lr * g."""
+    if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
+        return False
+    group = optimizer.param_groups[0]
+    return bool(group["momentum"] == 0 and group["weight_decay"] == 0 and not group.get("maximize", False))
+
+
+class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
+    """Avalanche plugin running SpaceNet; every argument goes to ``SpaceNet``, except
+    ``calibration`` (an option beyond the paper, see ``calibration.py``)."""
+
+    def __init__(
+        self,
+        n_select: int | Sequence[int] = 80,
+        n_reserve: int | Sequence[int] = 40,
+        connections: Sequence[int | float] = (10000, 1640, 80),
+        drop_fraction: float = 0.2,
+        seed: int = 0,
+        on_exhausted: ExhaustedPolicy = "error",
+        freeze_used_biases: bool = False,
+        layer_names: Sequence[str] | None = None,
+        calibration: TaskLogitNorm | None = None,
+    ) -> None:
+        super().__init__()
+        self.spacenet = SpaceNet(
+            n_select=n_select,
+            n_reserve=n_reserve,
+            connections=connections,
+            drop_fraction=drop_fraction,
+            seed=seed,
+            on_exhausted=on_exhausted,
+            freeze_used_biases=freeze_used_biases,
+            layer_names=layer_names,
+        )
+        self.calibration = calibration
+        self.model_: nn.Module | None = None
+        self._plain_sgd = False
+        self._pending_state: dict[str, Any] | None = None
+
+    # ---------------------------------------------------------------- set-up
+    def attach(self, model: nn.Module) -> SpaceNetPlugin:
+        """Bind to ``model`` now (otherwise done at the first training experience)."""
+        if self.model_ is model:
+            return self
+        if self.model_ is not None:
+            raise RuntimeError("this SpaceNetPlugin already manages another model")
+        self.spacenet.attach(model, reset=self._pending_state is None)
+        self.model_ = model
+        if self._pending_state is not None:
+            self._load(self._pending_state)
+            self._pending_state = None
+        return self
+
+    def capacity(self) -> CapacityReport:
+        if self.model_ is None:
+            raise RuntimeError("the plugin has not seen a model yet")
+        return self.spacenet.capacity()
+
+    # ------------------------------------------------------------- training
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.attach(strategy.model)
+        self.spacenet.begin_task(strategy.experience.classes_in_this_experience)
+        self._plain_sgd = plain_sgd(strategy.optimizer)
+
+    def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self._map_labels(strategy)
+
+    def after_backward(self, strategy: Any, **kwargs: Any) -> None:
+        self.spacenet.mask_gradients()
+
+    def before_update(self, strategy: Any, **kwargs: Any) -> None:
+        self.spacenet.before_step(self._sgd_lr(strategy))
+
+    def after_update(self, strategy: Any, **kwargs: Any) -> None:
+        self.spacenet.after_step(self._sgd_lr(strategy))
+
+    def _sgd_lr(self, strategy: Any) -> float | None:
+        return float(strategy.optimizer.param_groups[0]["lr"]) if self._plain_sgd else None
+
+    def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        self.spacenet.end_epoch(last=self.spacenet.epoch_ + 1 >= strategy.train_epochs)
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        task = self.spacenet.task_
+        self.spacenet.end_task()
+        if self.calibration is not None and task is not None:
+            self.calibration.fit_task(
+                strategy.model, self.spacenet, task, strategy.experience.dataset, device=strategy.device
+            )
+
+    # ----------------------------------------------------------- evaluation
+    def before_eval(self, strategy: Any, **kwargs: Any) -> None:
+        if self.model_ is not None:
+            self.spacenet.show_all_tasks()
+
+    def after_eval(self, strategy: Any, **kwargs: Any) -> None:
+        if self.model_ is not None:
+            self.spacenet.hide_other_tasks()  # no-op unless evaluated in the middle of a task
+
+    def before_eval_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self._map_labels(strategy)
+
+    def after_eval_forward(self, strategy: Any, **kwargs: Any) -> None:
+        if self.calibration is not None and self.model_ is not None:
+            strategy.mb_output = self.calibration.apply(strategy.mb_output, self.spacenet)
+
+    def _map_labels(self, strategy: Any) -> None:
+        """Labels to output units, when the class map is not the identity."""
+        if self.model_ is None or self.spacenet.identity_map:
+            return
+        y: Tensor = strategy.mbatch[1]
+        strategy.mbatch[1] = self.spacenet.units_of(y)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """SpaceNet state (masks, reservations, importance, init, class map) and the
+        calibration's; save it beside ``model.state_dict()``."""
+        if self.model_ is None:
+            raise RuntimeError("nothing to save: the plugin has not seen a model yet")
+        state: dict[str, Any] = {"spacenet": self.spacenet.state_dict()}
+        if self.calibration is not None:
+            state["calibration"] = self.calibration.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore; applied at once if a model is attached, else when one is."""
+        if self.model_ is None:
+            self._pending_state = state
+        else:
+            self._load(state)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.spacenet.load_state_dict(state["spacenet"])
+        if self.calibration is not None and "calibration" in state:
+            self.calibration.load_state_dict(state["calibration"])
