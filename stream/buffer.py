@@ -1,0 +1,377 @@
+"""The open task's records, bounded in memory, plus every task's held-out sample.
+
+Training records stay in memory up to ``max_memory_bytes``, then go to Arrow IPC files
+in a private folder under ``spill_dir``; ``iter_batches()`` and ``dataset()`` return
+them all, in the order they became training records. A record is held out when a
+seeded hash of its (partition, id) falls below ``holdout_fraction``; each task keeps at
+most ``holdout_max_per_task`` of them by reservoir sampling with a counter-based seeded
+generator, and a record the reservoir passes over or evicts joins training instead.
+So held-out and training never overlap and, for stable ids such as Kafka offsets, a
+replay splits the same way. Held-out samples outlive ``clear()``: they measure
+forgetting later, and ``save_holdout`` / ``load_holdout`` carry them in checkpoints.
+
+    >>> buf = TaskBuffer((2,), "uint8", holdout_fraction=0.5, seed=0)
+    >>> buf.start_task(0)
+    >>> buf.add(np.arange(20, dtype=np.uint8).reshape(10, 2), np.zeros(10), np.arange(10))
+    >>> len(buf) + len(buf.holdout(0).labels)
+    10
+    >>> x, y = buf.dataset()[0]
+    >>> x.dtype, x.shape, y
+    (torch.float32, torch.Size([2]), 0)
+    >>> buf.clear(); len(buf), buf.holdout_tasks
+    (0, [0])
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """splitmix64's finalizer: a fast, well-spread 64-bit hash (wraps by design)."""
+    x = x + np.uint64(_GOLDEN)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _hash(*keys: npt.ArrayLike) -> npt.NDArray[np.uint64]:
+    h = np.zeros(1, np.uint64)
+    for key in keys:
+        h = _mix(h ^ np.asarray(key).astype(np.int64).view(np.uint64))
+    return h
+
+
+@dataclass(frozen=True)
+class Records:
+    """Rows of records: features (n, *shape), labels, Kafka partitions and ids/offsets."""
+
+    features: npt.NDArray[Any]
+    labels: npt.NDArray[np.int64]
+    partitions: npt.NDArray[np.int32]
+    ids: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.features, self.labels, self.partitions, self.ids))
+
+    def take(self, rows: npt.ArrayLike) -> Records:
+        r = np.asarray(rows, dtype=np.intp)
+        return Records(self.features[r], self.labels[r], self.partitions[r], self.ids[r])
+
+    @staticmethod
+    def concat(parts: Sequence[Records]) -> Records:
+        return Records(*(np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS))
+
+
+_FIELDS = ("features", "labels", "partitions", "ids")
+
+
+class RecordDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Random access to record segments as ``(float32 features * scale, label)``;
+    ``targets`` holds all labels (what Avalanche's classification datasets look for)."""
+
+    def __init__(self, segments: Sequence[Records], shape: tuple[int, ...], scale: float) -> None:
+        self._segments = [s for s in segments if len(s)]
+        self._ends = np.cumsum([len(s) for s in self._segments]).tolist()
+        self._shape, self._scale = shape, scale
+        labels = [s.labels for s in self._segments]
+        self.targets = torch.from_numpy(np.concatenate(labels) if labels else np.empty(0, np.int64))
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        i = index + len(self) if index < 0 else index
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {index} out of range for {len(self)} records")
+        k = bisect.bisect_right(self._ends, i)
+        seg, row = self._segments[k], i - (self._ends[k - 1] if k else 0)
+        x = torch.from_numpy(seg.features[row].astype(np.float32)).reshape(self._shape)
+        return x * self._scale if self._scale != 1.0 else x, int(seg.labels[row])
+
+
+class _Reservoir:
+    """One task's held-out sample: ``n`` of at most ``cap`` rows; ``seen`` records offered."""
+
+    def __init__(self, cap: int, seen: int = 0, rows: Records | None = None) -> None:
+        self.cap, self.seen, self.rows = cap, seen, rows
+        self.n = 0 if rows is None else len(rows)
+
+    def offer(self, recs: Records, seed: int, task: int) -> tuple[npt.NDArray[np.intp], list[Records]]:
+        """Sample ``recs`` in; returns the rows of ``recs`` passed over and the evicted rows."""
+        counts = np.arange(self.seen + 1, self.seen + len(recs) + 1, dtype=np.int64)
+        slots = (_hash(seed, task, counts) % counts.astype(np.uint64)).astype(np.int64)
+        filling = counts <= self.cap
+        slots[filling] = counts[filling] - 1  # not full yet: keep every record
+        self.seen += len(recs)
+        rows = self._reserve(min(self.seen, self.cap), recs)
+        fill = np.flatnonzero(filling)
+        for f in _FIELDS:
+            getattr(rows, f)[self.n : self.n + len(fill)] = getattr(recs, f)[fill]
+        self.n += len(fill)
+        evicted = []
+        for row in np.flatnonzero(~filling & (slots < self.cap)).tolist():  # later ones may evict earlier
+            slot = int(slots[row])
+            evicted.append(rows.take([slot]))
+            for f in _FIELDS:
+                getattr(rows, f)[slot] = getattr(recs, f)[row]
+        return np.flatnonzero(slots >= self.cap), evicted
+
+    def _reserve(self, size: int, like: Records) -> Records:
+        have = 0 if self.rows is None else len(self.rows)
+        if self.rows is None or size > have:
+            size = min(self.cap, max(size, 2 * have))
+            pad = Records(
+                np.zeros((size - have, *like.features.shape[1:]), like.features.dtype),
+                np.zeros(size - have, np.int64),
+                np.zeros(size - have, np.int32),
+                np.zeros(size - have, np.int64),
+            )
+            self.rows = pad if self.rows is None else Records.concat([self.rows, pad])
+        return self.rows
+
+    def sample(self) -> Records:
+        assert self.rows is not None
+        return self.rows.take(np.arange(self.n))
+
+
+class TaskBuffer:
+    """Training records of the open task, spilled past a memory limit, and held-out samples.
+
+    Defaults: 256 MiB in memory (a few hundred thousand MNIST-sized records before any
+    spill), 10 % held out but at most 1000 per task, enough for a per-task accuracy
+    within about +-3 points without starving training of records.
+    """
+
+    task_: int | None  # the open task; None until start_task, and after clear
+    spilled_files_: list[Path]
+
+    def __init__(
+        self,
+        feature_shape: Sequence[int],
+        dtype: str = "float32",
+        max_memory_bytes: int = 256 * 2**20,
+        spill_dir: str | os.PathLike[str] | None = None,
+        holdout_fraction: float = 0.1,
+        holdout_max_per_task: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        if np.dtype(dtype) not in (np.dtype(np.uint8), np.dtype(np.float32)):
+            raise ValueError(f"features must be uint8 or float32, not {dtype}")
+        if not 0.0 <= holdout_fraction <= 1.0 or holdout_max_per_task < 0 or max_memory_bytes < 0:
+            raise ValueError(
+                "need 0 <= holdout_fraction <= 1, holdout_max_per_task >= 0, max_memory_bytes >= 0"
+            )
+        self.feature_shape = tuple(int(d) for d in feature_shape)
+        self.dtype = dtype
+        self.max_memory_bytes = max_memory_bytes
+        self.spill_dir = spill_dir
+        self.holdout_fraction = holdout_fraction
+        self.holdout_max_per_task = holdout_max_per_task
+        self.seed = seed
+        self.task_ = None
+        self.spilled_files_ = []
+        self._chunks: list[Records] = []
+        self._chunk_bytes = 0
+        self._spill_path: Path | None = None
+        self._spilled_rows = 0
+        self._holdout: dict[int, _Reservoir] = {}
+
+    # ---- writing ----------------------------------------------------------------------
+    def start_task(self, task: int) -> None:
+        """Collect training records for ``task``; the previous task must be cleared."""
+        if self.task_ is not None and self.task_ != task and len(self):
+            raise RuntimeError(f"task {self.task_} still holds {len(self)} records: clear() it first")
+        self.task_ = task
+
+    def add(
+        self,
+        features: npt.ArrayLike,
+        labels: npt.ArrayLike,
+        ids: npt.ArrayLike,
+        partitions: npt.ArrayLike | None = None,
+    ) -> None:
+        """Add records of the open task: held-out or training, never both. ``ids`` with
+        ``partitions`` (default 0) name each record stably, e.g. Kafka offsets."""
+        if self.task_ is None:
+            raise RuntimeError("start_task() first")
+        recs = self._records(features, labels, ids, partitions)
+        u = (_hash(self.seed, recs.partitions, recs.ids) >> np.uint64(11)).astype(np.float64) / 2.0**53
+        chosen = u < self.holdout_fraction
+        reservoir = self._holdout.setdefault(self.task_, _Reservoir(self.holdout_max_per_task))
+        passed, evicted = reservoir.offer(recs.take(np.flatnonzero(chosen)), self.seed, self.task_)
+        chosen[np.flatnonzero(chosen)[passed]] = False
+        for chunk in [c for c in [recs.take(np.flatnonzero(~chosen)), *evicted] if len(c)]:
+            self._chunks.append(chunk)
+            self._chunk_bytes += chunk.nbytes
+        if self._chunk_bytes > self.max_memory_bytes:
+            self._spill()
+
+    def add_late(
+        self,
+        task: int,
+        features: npt.ArrayLike,
+        labels: npt.ArrayLike,
+        ids: npt.ArrayLike,
+        partitions: npt.ArrayLike | None = None,
+    ) -> None:
+        """Offer records of a closed task's classes to that task's held-out sample (they
+        are never trained; beyond the cap the reservoir keeps a uniform sample)."""
+        recs = self._records(features, labels, ids, partitions)
+        self._holdout.setdefault(task, _Reservoir(self.holdout_max_per_task)).offer(recs, self.seed, task)
+
+    def clear(self) -> None:
+        """Forget the open task's training records and delete its spill files."""
+        if self._spill_path is not None:
+            shutil.rmtree(self._spill_path, ignore_errors=True)
+        self.task_, self.spilled_files_, self._chunks, self._chunk_bytes = None, [], [], 0
+        self._spill_path, self._spilled_rows = None, 0
+
+    # ---- reading ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Training records of the open task."""
+        return self._spilled_rows + sum(len(c) for c in self._chunks)
+
+    def iter_batches(self) -> Iterator[Records]:
+        """Training records in order: one batch per spill file, then one per added chunk."""
+        for path in self.spilled_files_:
+            yield from self._read(path)
+        yield from self._chunks
+
+    def dataset(self, scale: float | None = None) -> RecordDataset:
+        """The training records as a torch Dataset over memory-mapped spill files; ``scale``
+        defaults to 1/255 for uint8 features (as torchvision's ToTensor) and 1 for float32."""
+        return RecordDataset(list(self.iter_batches()), self.feature_shape, self._scale(scale))
+
+    @property
+    def holdout_tasks(self) -> list[int]:
+        return sorted(self._holdout)
+
+    def holdout(self, task: int) -> Records:
+        """A copy of ``task``'s held-out sample (KeyError for a task without one)."""
+        return self._holdout[task].sample()
+
+    def holdout_dataset(self, task: int, scale: float | None = None) -> RecordDataset:
+        return RecordDataset([self.holdout(task)], self.feature_shape, self._scale(scale))
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of records held in memory: open task's training records and held-out samples."""
+        held = sum(r.rows.nbytes for r in self._holdout.values() if r.rows is not None)
+        return held + self._chunk_bytes
+
+    @property
+    def spilled_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.spilled_files_)
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def save_holdout(self, directory: str | os.PathLike[str]) -> list[Path]:
+        """Write one Arrow IPC file per task (atomically: temp file, then rename)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for task, reservoir in sorted(self._holdout.items()):
+            if reservoir.rows is None:
+                continue
+            path = out / f"holdout-{task}.arrow"
+            meta = {"task": task, "seen": reservoir.seen}
+            self._write(path.with_suffix(".tmp"), reservoir.sample(), meta)
+            os.replace(path.with_suffix(".tmp"), path)
+            paths.append(path)
+        return paths
+
+    def load_holdout(self, directory: str | os.PathLike[str]) -> None:
+        """Replace every held-out sample with those saved in ``directory``."""
+        loaded = {}
+        for path in sorted(Path(directory).glob("holdout-*.arrow")):
+            with pa.OSFile(str(path)) as src:
+                table = pa.ipc.open_file(src).read_all()
+            meta = json.loads(table.schema.metadata[b"spacenet"])
+            if meta["shape"] != list(self.feature_shape) or meta["dtype"] != self.dtype:
+                raise ValueError(f"{path}: features {meta['shape']} {meta['dtype']} do not match this buffer")
+            rows = Records.concat([self._from_batch(b) for b in table.to_batches()])
+            loaded[int(meta["task"])] = _Reservoir(self.holdout_max_per_task, int(meta["seen"]), rows)
+        self._holdout = loaded
+
+    # ---- helpers ----------------------------------------------------------------------
+    def _records(
+        self, features: npt.ArrayLike, labels: npt.ArrayLike, ids: npt.ArrayLike, parts: npt.ArrayLike | None
+    ) -> Records:
+        x = np.asarray(features)
+        if x.dtype != self.dtype and not (self.dtype == "float32" and x.dtype.kind == "f"):
+            raise TypeError(f"features are {x.dtype}, this buffer holds {self.dtype}")
+        n = len(x)
+        x = x.astype(self.dtype, copy=False).reshape(n, *self.feature_shape)
+        y = np.asarray(labels).astype(np.int64).reshape(n)
+        i = np.asarray(ids).astype(np.int64).reshape(n)
+        p = np.zeros(n, np.int32) if parts is None else np.asarray(parts).astype(np.int32).reshape(n)
+        return Records(x, y, p, i)
+
+    def _scale(self, scale: float | None) -> float:
+        return scale if scale is not None else (1 / 255 if self.dtype == "uint8" else 1.0)
+
+    def _spill(self) -> None:
+        if self._spill_path is None:
+            root = self.spill_dir if self.spill_dir is not None else tempfile.gettempdir()
+            Path(root).mkdir(parents=True, exist_ok=True)
+            self._spill_path = Path(tempfile.mkdtemp(prefix=f"spill-task{self.task_}-", dir=root))
+        path = self._spill_path / f"{len(self.spilled_files_):06d}.arrow"
+        chunk = Records.concat(self._chunks)
+        self._write(path, chunk, {"task": self.task_})
+        self.spilled_files_.append(path)
+        self._spilled_rows += len(chunk)
+        self._chunks, self._chunk_bytes = [], 0
+
+    def _write(self, path: Path, recs: Records, meta: dict[str, Any]) -> None:
+        meta = {**meta, "shape": list(self.feature_shape), "dtype": self.dtype, "format": 1}
+        width = math.prod(self.feature_shape)
+        features = pa.FixedSizeListArray.from_arrays(pa.array(recs.features.reshape(-1)), width)
+        batch = pa.record_batch(
+            [features, pa.array(recs.labels), pa.array(recs.partitions), pa.array(recs.ids)],
+            schema=pa.schema(
+                [
+                    ("features", features.type),
+                    ("label", pa.int64()),
+                    ("partition", pa.int32()),
+                    ("id", pa.int64()),
+                ],
+                metadata={"spacenet": json.dumps(meta)},
+            ),
+        )
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+
+    def _read(self, path: Path) -> Iterator[Records]:
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))  # zero-copy: pages load on access
+        for i in range(reader.num_record_batches):
+            yield self._from_batch(reader.get_batch(i))
+
+    def _from_batch(self, batch: Any) -> Records:
+        flat = batch.column(0).flatten().to_numpy(zero_copy_only=True)
+        return Records(
+            flat.reshape(-1, *self.feature_shape),
+            batch.column(1).to_numpy(),
+            batch.column(2).to_numpy(),
+            batch.column(3).to_numpy(),
+        )

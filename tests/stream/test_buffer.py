@@ -1,0 +1,211 @@
+"""TaskBuffer: spilling, held-out sampling, checkpoints of held-out samples."""
+
+from __future__ import annotations
+
+import doctest
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spacenet.stream import buffer
+from spacenet.stream.buffer import TaskBuffer
+
+SHAPE = (1, 4, 4)
+
+
+def records(start: int, n: int, dtype: str = "uint8") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features encode the id, so a read-back row can be checked against its id."""
+    ids = np.arange(start, start + n, dtype=np.int64)
+    x = (ids[:, None] + np.arange(16)[None, :]) % 251
+    return x.astype(dtype).reshape(n, *SHAPE), ids % 10, ids
+
+
+def read_back(buf: TaskBuffer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    batches = list(buf.iter_batches())
+    if not batches:
+        return np.zeros((0, *SHAPE)), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return tuple(np.concatenate([getattr(b, f) for b in batches]) for f in ("features", "labels", "ids"))
+
+
+def fill(buf: TaskBuffer, task: int, n_batches: int = 50, size: int = 10, dtype: str = "uint8") -> None:
+    buf.start_task(task)
+    for b in range(n_batches):
+        buf.add(*records(task * 10_000 + b * size, size, dtype))
+
+
+def test_docstring_examples() -> None:
+    assert doctest.testmod(buffer).failed == 0
+
+
+def test_tiny_memory_limit_spills_and_returns_every_record_once_in_order(tmp_path: Path) -> None:
+    buf = TaskBuffer(SHAPE, "uint8", max_memory_bytes=1000, spill_dir=tmp_path, holdout_fraction=0.0)
+    fill(buf, 0)
+    assert buf.spilled_files_ and all(p.exists() for p in buf.spilled_files_)
+    assert buf.spilled_bytes > 0 and buf.memory_bytes <= 1000
+    x, y, ids = read_back(buf)
+    assert ids.tolist() == list(range(500)) and len(buf) == 500
+    np.testing.assert_array_equal(x, records(0, 500)[0])
+    np.testing.assert_array_equal(y, ids % 10)
+    ds = buf.dataset()
+    assert len(ds) == 500 and ds.targets.tolist() == y.tolist()
+    for i in (0, 137, 499, -1):
+        xi, yi = ds[i]
+        assert xi.dtype == torch.float32 and xi.shape == SHAPE and yi == y[i]
+        torch.testing.assert_close(xi, torch.from_numpy(x[i].astype(np.float32)) / 255)
+    with pytest.raises(IndexError):
+        ds[500]
+
+
+def test_float32_features_round_trip_through_spill_files(tmp_path: Path) -> None:
+    buf = TaskBuffer(SHAPE, "float32", max_memory_bytes=0, spill_dir=tmp_path, holdout_fraction=0.0)
+    fill(buf, 0, n_batches=5, dtype="float32")
+    assert len(buf.spilled_files_) == 5 and buf.memory_bytes == 0
+    x, _, _ = read_back(buf)
+    np.testing.assert_array_equal(x, records(0, 50, "float32")[0])
+    xi, _ = buf.dataset()[7]
+    torch.testing.assert_close(xi, torch.from_numpy(x[7]))  # float32 is not rescaled
+
+
+def test_clear_deletes_spill_files_and_keeps_held_out(tmp_path: Path) -> None:
+    buf = TaskBuffer(SHAPE, "uint8", max_memory_bytes=500, spill_dir=tmp_path)
+    fill(buf, 0)
+    files = list(buf.spilled_files_)
+    assert files and len(buf.holdout(0))
+    buf.clear()
+    assert not any(p.exists() for p in files) and list(tmp_path.iterdir()) == []
+    assert len(buf) == 0 and buf.spilled_bytes == 0 and buf.task_ is None
+    assert buf.holdout_tasks == [0] and len(buf.holdout(0)) > 0
+    fill(buf, 1)  # the next task starts clean
+    assert read_back(buf)[2].min() >= 10_000
+
+
+def test_start_task_refuses_to_mix_tasks() -> None:
+    buf = TaskBuffer(SHAPE, "uint8")
+    with pytest.raises(RuntimeError):
+        buf.add(*records(0, 3))
+    fill(buf, 0, n_batches=1)
+    with pytest.raises(RuntimeError):
+        buf.start_task(1)
+
+
+def test_held_out_never_overlaps_training_and_loses_nothing(tmp_path: Path) -> None:
+    buf = TaskBuffer(SHAPE, "uint8", max_memory_bytes=2000, spill_dir=tmp_path, holdout_max_per_task=20)
+    fill(buf, 0, n_batches=100)
+    train_ids = read_back(buf)[2]
+    held = buf.holdout(0)
+    assert len(held) == 20  # 10 % of 1000 is 100: the reservoir caps it
+    assert not set(train_ids.tolist()) & set(held.ids.tolist())
+    assert sorted([*train_ids.tolist(), *held.ids.tolist()]) == list(range(1000))
+    np.testing.assert_array_equal(held.features, records(0, 1000)[0][held.ids])
+
+
+def test_held_out_fraction_is_about_right_below_the_cap() -> None:
+    buf = TaskBuffer(SHAPE, "uint8", holdout_fraction=0.1, holdout_max_per_task=10_000)
+    fill(buf, 0, n_batches=500)
+    assert 400 <= len(buf.holdout(0)) <= 600 and len(buf) + len(buf.holdout(0)) == 5000
+    # the rule is a hash of the id: independent of how the records were batched
+    other = TaskBuffer(SHAPE, "uint8", holdout_fraction=0.1, holdout_max_per_task=10_000)
+    other.start_task(0)
+    other.add(*records(0, 5000))
+    assert other.holdout(0).ids.tolist() == buf.holdout(0).ids.tolist()
+
+
+def test_deterministic_with_a_seed() -> None:
+    def held(seed: int) -> list[int]:
+        buf = TaskBuffer(SHAPE, "uint8", holdout_max_per_task=30, seed=seed)
+        fill(buf, 0, n_batches=100)
+        return sorted(buf.holdout(0).ids.tolist())
+
+    assert held(1) == held(1)
+    assert held(1) != held(2)
+
+
+def test_late_records_join_the_closed_tasks_held_out_only() -> None:
+    buf = TaskBuffer(SHAPE, "uint8", holdout_max_per_task=50)
+    fill(buf, 0, n_batches=10)
+    before = len(buf.holdout(0))
+    buf.clear()
+    fill(buf, 1, n_batches=5)
+    n_train = len(buf)
+    buf.add_late(0, *records(90_000, 30))
+    assert len(buf) == n_train  # not in the open task's training records
+    assert len(buf.holdout(0)) == min(50, before + 30)
+    buf.add_late(0, *records(91_000, 500))
+    assert len(buf.holdout(0)) == 50 and buf.holdout(0).ids.max() >= 90_000
+    buf.add_late(7, *records(92_000, 3))  # a task without held-out records yet
+    assert buf.holdout(7).ids.tolist() == [92_000, 92_001, 92_002]
+
+
+def test_save_and_load_held_out(tmp_path: Path) -> None:
+    buf = TaskBuffer(SHAPE, "uint8", holdout_max_per_task=40)
+    for task in range(3):
+        fill(buf, task)
+        buf.clear()
+    paths = buf.save_holdout(tmp_path / "ckpt")
+    assert [p.name for p in paths] == ["holdout-0.arrow", "holdout-1.arrow", "holdout-2.arrow"]
+    loaded = TaskBuffer(SHAPE, "uint8", holdout_max_per_task=40)
+    loaded.load_holdout(tmp_path / "ckpt")
+    assert loaded.holdout_tasks == [0, 1, 2]
+    for task in range(3):
+        a, b = buf.holdout(task), loaded.holdout(task)
+        for field in ("features", "labels", "partitions", "ids"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    # sampling goes on identically after a reload (the generator is counter-based)
+    buf.add_late(1, *records(50_000, 200))
+    loaded.add_late(1, *records(50_000, 200))
+    assert buf.holdout(1).ids.tolist() == loaded.holdout(1).ids.tolist()
+    ds = loaded.holdout_dataset(2)
+    assert len(ds) == 40 and ds[0][0].shape == SHAPE
+    with pytest.raises(ValueError):
+        TaskBuffer((16,), "uint8").load_holdout(tmp_path / "ckpt")
+
+
+def test_partitions_are_part_of_the_record_id() -> None:
+    buf = TaskBuffer(SHAPE, "uint8", holdout_fraction=0.5, holdout_max_per_task=10_000)
+    buf.start_task(0)
+    x, y, ids = records(0, 400)
+    buf.add(x, y, ids, partitions=np.zeros(400))
+    buf.add(x, y, ids, partitions=np.ones(400))
+    held = buf.holdout(0)
+    by_part = [set(held.ids[held.partitions == p].tolist()) for p in (0, 1)]
+    assert by_part[0] != by_part[1]
+
+
+def test_wrong_feature_dtype_is_rejected() -> None:
+    buf = TaskBuffer(SHAPE, "uint8")
+    buf.start_task(0)
+    x, y, ids = records(0, 4, "float32")
+    with pytest.raises(TypeError):
+        buf.add(x, y, ids)
+    with pytest.raises(ValueError):
+        TaskBuffer(SHAPE, "int16")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=15),
+    limit=st.integers(0, 3000),
+    fraction=st.floats(0.0, 1.0),
+    cap=st.integers(0, 25),
+)
+def test_every_record_is_training_or_held_out_once(tmp_path_factory, sizes, limit, fraction, cap) -> None:
+    spill = tmp_path_factory.mktemp("spill")
+    buf = TaskBuffer(SHAPE, "uint8", limit, spill, fraction, holdout_max_per_task=cap, seed=3)
+    buf.start_task(0)
+    start = 0
+    for n in sizes:
+        buf.add(*records(start, n))
+        start += n
+    x, _, train = read_back(buf)
+    held = buf.holdout(0).ids.tolist()
+    assert len(held) <= cap and len(buf) == len(train)
+    assert sorted([*train.tolist(), *held]) == list(range(start))
+    np.testing.assert_array_equal(x, records(0, start)[0][train] if start else x)
+    if fraction == 0.0 or cap == 0:
+        assert train.tolist() == list(range(start))  # nothing evicted: stream order
+    buf.clear()
+    assert list(spill.iterdir()) == []
