@@ -48,6 +48,7 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
         seed: int = 0,
         on_exhausted: ExhaustedPolicy = "error",
         freeze_used_biases: bool = False,
+        hide_old_outputs: bool = True,
         layer_names: Sequence[str] | None = None,
         calibration: TaskLogitNorm | None = None,
     ) -> None:
@@ -60,6 +61,7 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
             seed=seed,
             on_exhausted=on_exhausted,
             freeze_used_biases=freeze_used_biases,
+            hide_old_outputs=hide_old_outputs,
             layer_names=layer_names,
         )
         self.calibration = calibration
@@ -132,7 +134,7 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
 
     def after_eval_forward(self, strategy: Any, **kwargs: Any) -> None:
         if self.calibration is not None and self.model_ is not None:
-            strategy.mb_output = self.calibration.apply(strategy.mb_output, self.spacenet)
+            strategy.mb_output = self.calibration.apply(strategy.mb_output, self.spacenet.task_units())
 
     def _map_labels(self, strategy: Any) -> None:
         """Labels to output units, when the class map is not the identity."""

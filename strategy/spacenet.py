@@ -50,6 +50,10 @@ class SpaceNet:
             what is left (and raises only when nothing is left).
         freeze_used_biases: option beyond the paper: also freeze the biases of neurons
             that carry earlier tasks' connections (the reference code lets them leak).
+        hide_old_outputs: the paper zeroes the output rows of earlier tasks' classes
+            while a task trains (only their biases remain). ``False`` (an option beyond
+            the paper) keeps them, frozen, so the new task's classes learn to outscore
+            the old classes on the new task's own data.
         layer_names: which modules to manage, in forward order; default all Linear/Conv2d.
     """
 
@@ -62,6 +66,7 @@ class SpaceNet:
         seed: int = 0,
         on_exhausted: ExhaustedPolicy = "error",
         freeze_used_biases: bool = False,
+        hide_old_outputs: bool = True,
         layer_names: Sequence[str] | None = None,
     ) -> None:
         self.n_select = n_select
@@ -71,6 +76,7 @@ class SpaceNet:
         self.seed = seed
         self.on_exhausted = on_exhausted
         self.freeze_used_biases = freeze_used_biases
+        self.hide_old_outputs = hide_old_outputs
         self.layer_names = layer_names
         if not 0.0 <= drop_fraction < 1.0:
             raise ValueError("drop_fraction must be in [0, 1)")
@@ -305,7 +311,7 @@ class SpaceNet:
     # -------------------------------------------------- output rows of other tasks
     def hide_other_tasks(self) -> None:
         """While a task trains, zero the output rows of other tasks' classes (kept aside)."""
-        if self.task_ is None or self.hidden_rows_ is not None:
+        if self.task_ is None or self.hidden_rows_ is not None or not self.hide_old_outputs:
             return
         out = self.output
         others = (out.reserved_by_ != FREE) & (out.reserved_by_ != self.task_)
