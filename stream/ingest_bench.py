@@ -1,0 +1,372 @@
+"""``spacenet ingest-bench``: our ingest path against a plain kafka-python consumer loop.
+
+Produces split MNIST (or its first ``--records``) into a fresh topic (with task markers),
+then reads the whole topic ``--repeats`` times with each of two loops, alternating which
+goes first:
+
+* **plain**: poll, and touch each value (its length and last byte); the floor any consumer
+  written with kafka-python pays.
+* **ours**: the same loop, plus ``wire.decode`` with full validation of every message and
+  ``TaskBuffer.add`` of each poll's records of one task in a single call (a task-start
+  marker closes the open task and opens its own, as in the service; spill folder in a
+  temporary dir).
+
+Both loops use identical consumer settings (``CONSUMER_TUNING``; ``--check-crcs`` turns the
+CRC check back on in both), a fresh consumer group, partitions assigned directly (no group
+join inside the timing) and seeked to the start; the clock runs from the first poll until
+the end offset (read before the clock starts) has been consumed. One untimed pass of each
+warms caches first. Reported: records/s and MB/s (message value bytes / 1e6) from each
+path's median time, the ratio ours/plain (target >= 0.8), and the peak RSS of the process
+during each path's runs (Linux ``VmHWM``, reset before each run; ``rss_growth_bytes`` is the
+peak minus the RSS at the run's start) and overall.
+
+    $ spacenet ingest-bench --bootstrap 127.0.0.1:9092 --repeats 3 --out ingest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spacenet.stream import wire
+from spacenet.stream.buffer import TaskBuffer
+from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
+from spacenet.stream.produce import TOPIC_CONFIGS, DatasetError, load_dataset, make_producer, produce_stream
+
+TARGET_RATIO = 0.8
+SHAPE = (1, 28, 28)
+# Throughput settings shared by both loops: big fetches (the whole topic is ~50 MB), many
+# messages per poll, and no CRC check, which kafka-python runs in pure Python unless the
+# optional `crc32c` extension is installed and which would otherwise dominate both loops.
+CONSUMER_TUNING: dict[str, Any] = {
+    "fetch_max_bytes": 64 << 20,
+    "max_partition_fetch_bytes": 16 << 20,
+    "max_poll_records": 10_000,
+    "fetch_min_bytes": 1,
+    "fetch_max_wait_ms": 100,
+    "receive_buffer_bytes": 4 << 20,
+    "check_crcs": False,
+    "enable_auto_commit": False,
+    "auto_offset_reset": "earliest",
+}
+RUN_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class Run:
+    path: str
+    seconds: float
+    messages: int
+    records: int
+    bytes: int
+    rss_start_bytes: int
+    peak_rss_bytes: int | None  # None where the peak cannot be reset (not Linux)
+
+    @property
+    def records_per_s(self) -> float:
+        return self.records / self.seconds
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds
+
+
+class PlainSink:
+    """Touches each value of a poll's records: its length and last byte."""
+
+    def __init__(self, records_per_topic: int) -> None:
+        self.records, self.messages, self.bytes, self.checksum = records_per_topic, 0, 0, 0
+
+    def __call__(self, records: Sequence[Any]) -> None:
+        for record in records:
+            value = record.value
+            self.messages += 1
+            self.bytes += len(value)
+            if value:
+                self.checksum ^= value[-1]
+
+
+class IngestSink:
+    """Our path: decode and validate every message, then append a poll's records of one task to
+    a ``TaskBuffer`` in one call (a task-start marker closes the open task and opens its own)."""
+
+    def __init__(self, spill_dir: str, max_memory_bytes: int) -> None:
+        self.limits = wire.WireLimits(expected_shape=SHAPE, num_classes_max=10)
+        self.buffer = TaskBuffer(SHAPE, "uint8", max_memory_bytes=max_memory_bytes, spill_dir=spill_dir)
+        self.records = self.messages = self.bytes = self.rejected = 0
+
+    def __call__(self, records: Sequence[Any]) -> None:
+        pending: list[tuple[wire.Decoded, Any]] = []
+        for record in records:
+            self.messages += 1
+            self.bytes += len(record.value or b"")
+            try:
+                msg = wire.decode(record.value, record.headers, self.limits)
+            except wire.WireError:
+                self.rejected += 1  # the service routes these to the dead-letter topic
+                continue
+            task = msg.marker_task if msg.marker is wire.Marker.TASK_START else None
+            if task is not None and task != self.buffer.task_:
+                self._add(pending)
+                pending = []
+                self.buffer.clear()  # the service trains on the closed task here, then clears
+                self.buffer.start_task(task)
+            elif self.buffer.task_ is None:
+                self.buffer.start_task(0)
+            if msg.num_records:
+                pending.append((msg, record))
+        self._add(pending)
+
+    def _add(self, pending: Sequence[tuple[wire.Decoded, Any]]) -> None:
+        """One ``TaskBuffer.add`` for many messages: its cost is mostly per call, not per record."""
+        if not pending:
+            return
+        counts = np.array([msg.num_records for msg, _ in pending])
+        firsts = np.repeat(np.cumsum(counts) - counts, counts)
+        offsets = np.repeat([record.offset for _, record in pending], counts)
+        ids = offsets * self.limits.max_records + np.arange(len(firsts)) - firsts  # stable per record
+        parts = np.repeat(np.array([record.partition for _, record in pending], np.int32), counts)
+        features = np.concatenate([msg.features.numpy() for msg, _ in pending])
+        labels = np.concatenate([msg.labels for msg, _ in pending if msg.labels is not None])
+        self.buffer.add(features, labels, ids, parts)
+        self.records += len(labels)
+
+
+def read_topic(
+    settings: KafkaSettings,
+    topic: str,
+    sink: Callable[[Sequence[Any]], None],
+    tuning: dict[str, Any] = CONSUMER_TUNING,
+) -> float:
+    """Read ``topic`` from the beginning to its current end with a fresh group, handing each
+    poll's records of a partition to ``sink``; the seconds taken."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    group = f"spacenet-ingest-bench-{uuid.uuid4().hex[:12]}"
+    consumer = KafkaConsumer(**settings.client_kwargs(), group_id=group, **tuning)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        remaining = {tp for tp in parts if ends[tp] > 0}
+        start = time.perf_counter()
+        while remaining:
+            for tp, records in consumer.poll(timeout_ms=1000).items():
+                sink(records)
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    remaining.discard(tp)
+            if time.perf_counter() - start > RUN_TIMEOUT_S:
+                raise TimeoutError(
+                    f"{topic}: still {len(remaining)} partitions short after {RUN_TIMEOUT_S} s"
+                )
+        return time.perf_counter() - start
+    finally:
+        consumer.close(autocommit=False)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _rss_bytes(field: str = "VmRSS") -> int:
+    """The current (``VmRSS``) or peak (``VmHWM``) resident set size, 0 where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure(
+    settings: KafkaSettings,
+    topic: str,
+    records: int,
+    repeats: int,
+    max_memory_bytes: int,
+    tuning: dict[str, Any] = CONSUMER_TUNING,
+) -> dict[str, list[Run]]:
+    """``repeats`` timed runs of each path after one untimed warm-up run of each."""
+    runs: dict[str, list[Run]] = {"plain": [], "ours": []}
+    with tempfile.TemporaryDirectory(prefix="spacenet-ingest-bench-") as spill:
+
+        def one(path: str) -> Run:
+            sink: PlainSink | IngestSink = (
+                PlainSink(records) if path == "plain" else IngestSink(spill, max_memory_bytes)
+            )
+            gc.collect()
+            resettable = _reset_peak_rss()
+            rss_start = _rss_bytes()
+            seconds = read_topic(settings, topic, sink, tuning)
+            peak = _rss_bytes("VmHWM") if resettable else None
+            if isinstance(sink, IngestSink):
+                if sink.rejected or sink.records != records:
+                    raise RuntimeError(
+                        f"ours read {sink.records} of {records} records, {sink.rejected} rejected"
+                    )
+                sink.buffer.clear()
+            return Run(path, seconds, sink.messages, sink.records, sink.bytes, rss_start, peak)
+
+        one("plain")  # warm-up, not reported
+        one("ours")
+        for r in range(repeats):
+            for path in ("plain", "ours") if r % 2 == 0 else ("ours", "plain"):
+                runs[path].append(one(path))
+    return runs
+
+
+def summarize(runs: Sequence[Run]) -> dict[str, Any]:
+    seconds = statistics.median(r.seconds for r in runs)
+    records, nbytes = runs[0].records, runs[0].bytes
+    peaks = [r.peak_rss_bytes for r in runs if r.peak_rss_bytes is not None]
+    growth = [r.peak_rss_bytes - r.rss_start_bytes for r in runs if r.peak_rss_bytes is not None]
+    return {
+        "records_per_s": records / seconds,
+        "mb_per_s": nbytes / 1e6 / seconds,
+        "median_seconds": seconds,
+        "peak_rss_bytes": max(peaks) if peaks else None,
+        "rss_growth_bytes": max(growth) if growth else None,  # peak minus RSS at the run's start
+        "runs": [{**asdict(r), "records_per_s": r.records_per_s, "mb_per_s": r.mb_per_s} for r in runs],
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spacenet ingest-bench",
+        description="Measure our ingest path (decode, validate, TaskBuffer) against plain kafka-python.",
+    )
+    p.add_argument(
+        "--bootstrap", help="host:port[,...] (default: $SPACENET_KAFKA_BOOTSTRAP, else 127.0.0.1:9092)"
+    )
+    p.add_argument("--topic", help="a topic that does not exist yet (default: a fresh random name)")
+    p.add_argument("--records", type=int, default=60_000, help="the first N split-MNIST training records")
+    p.add_argument("--records-per-message", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--data-root", help="dataset root (default: $SPACENET_DATA or the user cache)")
+    p.add_argument("--max-memory-mb", type=float, default=256, help="TaskBuffer memory before it spills")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to reach the broker")
+    p.add_argument("--check-crcs", action="store_true", help="verify record CRCs in both loops")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"spacenet ingest-bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+
+    if args.records < 1 or args.repeats < 1:
+        return _fail("--records and --repeats must be at least 1")
+    timeout_ms = max(1, int(args.timeout * 1000))
+    topic = args.topic or f"spacenet-ingest-bench-{uuid.uuid4().hex[:12]}"
+    try:
+        settings = KafkaSettings.from_env(bootstrap=args.bootstrap, bootstrap_timeout_ms=timeout_ms)
+        features, labels, _ = load_dataset("split_mnist", data_root=args.data_root)
+        features, labels = features[: args.records], labels[: args.records]
+        if topic not in ensure_topics(settings, [topic], configs=TOPIC_CONFIGS):
+            return _fail(f"topic {topic!r} exists already; the benchmark needs a fresh one")
+        producer = make_producer(settings, timeout_ms)
+    except (ValueError, DatasetError) as e:
+        return _fail(str(e))
+    except (KafkaTimeoutError, KafkaConnectionError) as e:
+        return _fail(f"no Kafka broker reachable at {settings.bootstrap} within {args.timeout:g} s ({e})")
+    except KafkaError as e:
+        return _fail(f"cannot create topic {topic!r}: {e}")
+    try:
+        produced = produce_stream(
+            producer, topic, features, labels, records_per_message=args.records_per_message, markers=True
+        )
+    finally:
+        producer.close(timeout=10)
+    del features, labels
+    print(produced.describe())
+    tuning = {**CONSUMER_TUNING, "check_crcs": args.check_crcs}
+    runs = measure(settings, topic, produced.records, args.repeats, int(args.max_memory_mb * 2**20), tuning)
+    report = _report(args, settings, topic, produced.records, produced.messages, produced.bytes, runs)
+    report["consumer_config"] = tuning
+    report["produce_seconds"] = produced.seconds
+    print(_table(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _report(
+    args: argparse.Namespace,
+    settings: KafkaSettings,
+    topic: str,
+    records: int,
+    messages: int,
+    nbytes: int,
+    runs: Any,
+) -> dict[str, Any]:
+    from kafka import __version__ as kafka_version
+    from kafka.record import util as record_util
+
+    plain, ours = summarize(runs["plain"]), summarize(runs["ours"])
+    ratio = ours["records_per_s"] / plain["records_per_s"]
+    return {
+        "bootstrap": settings.bootstrap,
+        "topic": topic,
+        "records": records,
+        "messages": messages,
+        "bytes": nbytes,
+        "records_per_message": args.records_per_message,
+        "repeats": args.repeats,
+        "consumer_config": CONSUMER_TUNING,
+        "plain": plain,
+        "ours": ours,
+        "ratio": ratio,
+        "target_ratio": TARGET_RATIO,
+        "meets_target": ratio >= TARGET_RATIO,
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "python": platform.python_version(),
+        "kafka_python": kafka_version,
+        # without the optional `crc32c` C extension kafka-python computes CRC32C in pure Python
+        "crc32c_extension": getattr(record_util, "crc32c_c", None) is not None,
+        "host": platform.node(),
+    }
+
+
+def _table(report: dict[str, Any]) -> str:
+    def mib(value: int | None) -> str:
+        return "n/a" if value is None else f"{value / 2**20:.0f} MiB"
+
+    rows = [f"{'path':<6} {'records/s':>12} {'MB/s':>8} {'median s':>9} {'peak RSS':>10} {'growth':>9}"]
+    for path in ("plain", "ours"):
+        r = report[path]
+        rows.append(
+            f"{path:<6} {r['records_per_s']:>12,.0f} {r['mb_per_s']:>8.1f} "
+            f"{r['median_seconds']:>9.3f} {mib(r['peak_rss_bytes']):>10} {mib(r['rss_growth_bytes']):>9}"
+        )
+    verdict = "meets" if report["meets_target"] else "BELOW"
+    rows.append(f"ratio ours/plain: {report['ratio']:.3f} ({verdict} the {report['target_ratio']} target)")
+    rows.append(f"process peak RSS: {mib(report['process_peak_rss_bytes'])}")
+    return "\n".join(rows)

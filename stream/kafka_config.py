@@ -1,0 +1,201 @@
+"""Connection settings shared by every Kafka client the project opens.
+
+``KafkaSettings`` turns a bootstrap string and optional TLS/SASL settings into the keyword
+arguments that kafka-python's ``KafkaProducer``, ``KafkaConsumer`` and ``KafkaAdminClient``
+all accept. The SASL password comes from a value or a file (a mounted secret); it is never
+part of ``repr()``, so settings can be logged.
+
+    >>> s = KafkaSettings.from_env(env={"SPACENET_KAFKA_BOOTSTRAP": "k1:9093,k2:9093",
+    ...     "SPACENET_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "SPACENET_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+    ...     "SPACENET_KAFKA_SASL_USERNAME": "svc", "SPACENET_KAFKA_SASL_PASSWORD": "s3cret"})
+    >>> s.client_kwargs()["bootstrap_servers"], s.client_kwargs()["sasl_plain_password"]
+    (['k1:9093', 'k2:9093'], 's3cret')
+    >>> "s3cret" in repr(s)
+    False
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+ENV_PREFIX = "SPACENET_KAFKA_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Where the brokers are and how to authenticate; ``client_kwargs()`` feeds kafka-python.
+
+    ``bootstrap`` is ``host:port[,host:port...]``. A SASL protocol needs a mechanism, a
+    username and exactly one of ``sasl_password`` / ``sasl_password_file`` (read when the
+    kwargs are built, so a rotated secret file is picked up by the next client).
+    ``bootstrap_timeout_ms`` bounds how long a client tries to reach a broker at start.
+    """
+
+    bootstrap: str = "127.0.0.1:9092"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    sasl_password_file: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+    client_id: str = "spacenet"
+    bootstrap_timeout_ms: int = 10_000
+
+    def __post_init__(self) -> None:
+        servers = self.servers
+        if not servers or any(":" not in s or not s.rsplit(":", 1)[1].isdigit() for s in servers):
+            raise ValueError(f"bootstrap must be host:port[,host:port...], got {self.bootstrap!r}")
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"security_protocol must be one of {SECURITY_PROTOCOLS}")
+        if self.bootstrap_timeout_ms < 1:
+            raise ValueError("bootstrap_timeout_ms must be positive")
+        sasl = self.security_protocol.startswith("SASL_")
+        if not sasl:
+            extra = [
+                f.name
+                for f in dataclasses.fields(self)
+                if f.name.startswith("sasl_") and getattr(self, f.name)
+            ]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} set but security_protocol is {self.security_protocol}")
+            return
+        if self.sasl_mechanism not in SASL_MECHANISMS:
+            raise ValueError(f"{self.security_protocol} needs sasl_mechanism in {SASL_MECHANISMS}")
+        if not self.sasl_username:
+            raise ValueError(f"{self.security_protocol} needs a SASL username")
+        if (self.sasl_password is None) == (self.sasl_password_file is None):
+            raise ValueError("give exactly one of a SASL password and a SASL password file")
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "sasl_password" and value is not None:
+                value = "<redacted>"
+            shown.append(f"{f.name}={value!r}")
+        return f"KafkaSettings({', '.join(shown)})"
+
+    __str__ = __repr__
+
+    @property
+    def servers(self) -> list[str]:
+        return [s.strip() for s in self.bootstrap.split(",") if s.strip()]
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments valid for KafkaProducer, KafkaConsumer and KafkaAdminClient alike."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
+        }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            kwargs.update(
+                ssl_cafile=self.ssl_cafile,
+                ssl_certfile=self.ssl_certfile,
+                ssl_keyfile=self.ssl_keyfile,
+                ssl_check_hostname=self.ssl_check_hostname,
+            )
+        if self.security_protocol.startswith("SASL_"):
+            kwargs.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self._password(),
+            )
+        return kwargs
+
+    def replace(self, **changes: Any) -> KafkaSettings:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(
+        cls, prefix: str = ENV_PREFIX, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> KafkaSettings:
+        """Read ``<prefix><FIELD>`` variables (``SPACENET_KAFKA_SASL_PASSWORD_FILE=/run/secrets/kafka``);
+        ``overrides`` that are not None win over the environment (e.g. a ``--bootstrap`` flag)."""
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = source.get(prefix + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            if f.name == "bootstrap_timeout_ms":
+                values[f.name] = int(raw)
+            elif f.name == "ssl_check_hostname":
+                values[f.name] = _parse_bool(prefix + f.name.upper(), raw)
+            elif f.name in ("security_protocol", "sasl_mechanism"):
+                values[f.name] = raw.strip().upper()
+            else:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def _password(self) -> str | None:
+        if self.sasl_password_file is None:
+            return self.sasl_password
+        try:
+            return Path(self.sasl_password_file).read_text().rstrip("\r\n")
+        except OSError as e:  # the message names the file, never its content
+            raise ValueError(
+                f"cannot read the SASL password file {self.sasl_password_file}: {e.strerror}"
+            ) from e
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in _TRUE | _FALSE:
+        raise ValueError(f"{name} must be true or false, got {raw!r}")
+    return value in _TRUE
+
+
+def ensure_topics(
+    settings: KafkaSettings,
+    names: Iterable[str],
+    partitions: int = 1,
+    replication_factor: int | None = None,
+    configs: Mapping[str, str] | None = None,
+    timeout_ms: int = 30_000,
+) -> list[str]:
+    """Create the topics that do not exist yet; returns the names it created.
+
+    Idempotent: a topic that exists (or that another client creates meanwhile) is left as
+    it is, partitions and configs included. ``replication_factor=None`` takes the broker's
+    default. Returns once every created topic has a leader.
+    """
+    from kafka import KafkaAdminClient
+    from kafka.errors import TopicAlreadyExistsError, for_code
+
+    wanted = list(dict.fromkeys(names))
+    admin = KafkaAdminClient(**settings.client_kwargs(), request_timeout_ms=timeout_ms)
+    try:
+        missing = [name for name in wanted if name not in set(admin.list_topics())]
+        if not missing:
+            return []
+        spec = {"num_partitions": partitions, "replication_factor": replication_factor or -1}
+        request = {name: {**spec, "configs": dict(configs or {})} for name in missing}
+        result = admin.create_topics(request, timeout_ms=timeout_ms, raise_errors=False)
+        created = []
+        for topic in result["topics"]:
+            error = for_code(topic["error_code"])
+            if error is TopicAlreadyExistsError:
+                continue
+            if topic["error_code"]:
+                raise error(f"creating topic {topic['name']}: {topic.get('error_message') or error.__name__}")
+            created.append(topic["name"])
+        if created:
+            admin.wait_for_topics(created, timeout_ms=timeout_ms)
+        return created
+    finally:
+        admin.close()

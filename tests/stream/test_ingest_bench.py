@@ -1,0 +1,86 @@
+"""`spacenet ingest-bench`: the harness end to end on a small topic, and its ingest sink."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from spacenet.stream import wire
+from spacenet.stream.ingest_bench import IngestSink, PlainSink, main
+
+
+def fake_record(offset: int, value: bytes, headers: list[tuple[str, bytes]]) -> SimpleNamespace:
+    return SimpleNamespace(offset=offset, partition=0, value=value, headers=headers)
+
+
+def test_ingest_sink_decodes_buffers_and_follows_task_markers(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 1, 28, 28), dtype=np.uint8)
+    labels = np.repeat([0, 1, 2, 3], 10)
+
+    def message(
+        rows: slice, marker: wire.Marker | None = None, task: int | None = None
+    ) -> tuple[bytes, list]:
+        return wire.encode(images[rows], labels[rows]), wire.make_headers(marker, task)
+
+    stream = [
+        message(slice(0, 10), wire.Marker.TASK_START, 0),
+        message(slice(10, 20), wire.Marker.TASK_END, 0),
+        (b"not arrow", wire.make_headers()),
+        message(slice(20, 30), wire.Marker.TASK_START, 1),
+        message(slice(30, 40)),
+    ]
+    records = [fake_record(i, value, headers) for i, (value, headers) in enumerate(stream)]
+    sink = IngestSink(str(tmp_path), max_memory_bytes=1 << 20)
+    sink(records[:4])  # one poll spanning a task boundary
+    assert sink.buffer.task_ == 1
+    sink(records[4:])
+    assert (sink.messages, sink.records, sink.rejected) == (5, 40, 1)
+    assert sink.buffer.holdout_tasks == [0, 1]
+    kept = np.concatenate([b.labels for b in sink.buffer.iter_batches()] + [sink.buffer.holdout(1).labels])
+    assert sorted(kept.tolist()) == [2] * 10 + [3] * 10  # task 0's training records were cleared
+    ids = np.concatenate([b.ids for b in sink.buffer.iter_batches()] + [sink.buffer.holdout(1).ids])
+    assert len(set(ids.tolist())) == 20  # one stable id per record
+
+    plain = PlainSink(40)
+    plain(records)
+    assert plain.messages == 5 and plain.bytes == sum(len(v) for v, _ in stream)
+
+
+def test_ingest_bench_harness_writes_both_rates(
+    kafka_bootstrap: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ingest.json"
+    code = main(["--bootstrap", kafka_bootstrap, "--records", "2000", "--repeats", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "ratio ours/plain" in printed and "records/s" in printed
+    report = json.loads(out.read_text())
+    assert report["records"] == 2000 and report["records_per_message"] == 64
+    assert 32 <= report["messages"] <= 36  # 2000 / 64, rounded up within each of 5 tasks
+    for path in ("plain", "ours"):
+        stats = report[path]
+        assert stats["records_per_s"] > 0 and stats["mb_per_s"] > 0 and stats["median_seconds"] > 0
+        assert len(stats["runs"]) == 1 and stats["runs"][0]["records"] == 2000
+        assert stats["runs"][0]["messages"] == report["messages"]
+    assert report["ratio"] > 0 and report["target_ratio"] == 0.8
+    assert isinstance(report["meets_target"], bool)
+    assert report["consumer_config"]["max_poll_records"] > 0
+    assert report["process_peak_rss_bytes"] > 0
+
+
+def test_ingest_bench_refuses_an_existing_topic_and_an_unreachable_broker(
+    kafka_bootstrap: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
+
+    topic = "ingest-bench-existing"
+    ensure_topics(KafkaSettings(bootstrap=kafka_bootstrap), [topic])
+    assert main(["--bootstrap", kafka_bootstrap, "--topic", topic, "--records", "10"]) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert main(["--bootstrap", "127.0.0.1:9", "--records", "10", "--timeout", "1"]) == 2
+    assert "no Kafka broker reachable" in capsys.readouterr().err
