@@ -303,6 +303,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, e in results["strategies"].items():
@@ -315,6 +316,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         ylim=(0, 1.02),
         title=results["settings"]["benchmark"],
     )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
