@@ -17,7 +17,7 @@ kafka-jars: system-deps
 lint: setup
 	.venv/bin/ruff check $(CODE) tests deploy
 	.venv/bin/ruff format --check $(CODE) tests deploy
-	$(PY) -m mypy $(CODE)
+	scripts/mypy.sh
 
 # Default test run: quality gates, unit tests, and integration tests against a real
 # Kafka broker and a real Prometheus that the fixtures start and stop.

@@ -237,7 +237,7 @@ def summarise(
         "per_seed_peak_rss_bytes": col("peak_rss_bytes"),
         "per_seed_rss_after_imports_bytes": col("rss_after_imports_bytes"),
         "accuracy_after_each_task_mean": [
-            _mean([c[i] for c in curves if i < len(c) and c[i] is not None]) for i in range(n_rows)
+            _mean([v for c in curves if i < len(c) and (v := c[i]) is not None]) for i in range(n_rows)
         ],
         "mean_accuracy_matrix": mean_matrix(matrices),
         "accuracy_matrices": col("accuracy_matrix"),

@@ -1,0 +1,230 @@
+"""The service's learner: a SpaceNet model trained task by task through Avalanche.
+
+``Learner`` owns the model and the ``SpaceNetPlugin``; ``train_task`` runs one
+class-incremental experience (no task label) built from the task buffer with
+Avalanche's ``Naive`` template and the plugin; ``evaluate`` scores every task's
+held-out sample; ``frozen_copy`` gives the read-only ``Predictor`` that serves
+predictions while the next task trains.
+
+    >>> cfg = ServiceConfig(epochs=1)                       # doctest: +SKIP
+    >>> learner = Learner(cfg, device="cpu")                # doctest: +SKIP
+    >>> learner.train_task(dataset, classes=[0, 1])         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from spacenet.strategy.calibration import TaskLogitNorm
+from spacenet.strategy.models import SpaceNetMLP
+from spacenet.strategy.spacenet import ExhaustedPolicy
+from spacenet.stream.config import ServiceConfig
+from spacenet.stream.faults import maybe_crash
+
+log = logging.getLogger(__name__)
+
+
+class TrainingAbandoned(RuntimeError):
+    """Training stopped early on request (shutdown): the task is not learned."""
+
+
+class Standardize(nn.Module):
+    """(x * scale - mean) / std, kept inside the model so a checkpoint carries it."""
+
+    def __init__(self, scale: float, mean: float, std: float) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, mean, std = self.scale, self.mean, self.std
+        return (x.float() * scale - mean) / std  # type: ignore[operator]
+
+
+def build_model(cfg: ServiceConfig) -> nn.Sequential:
+    inputs = 1
+    for d in cfg.input_shape:
+        inputs *= d
+    return nn.Sequential(
+        Standardize(cfg.input_scale, cfg.input_mean, cfg.input_std),
+        SpaceNetMLP(inputs, cfg.hidden, cfg.num_outputs),
+    )
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log.warning("no CUDA device found: training and predicting on the CPU")
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    labels: Tensor  # int64, -1 where no class is known yet
+    scores: Tensor  # float32 softmax probability of the predicted class
+
+
+class Predictor:
+    """A frozen model for serving: raw features in, labels and scores out."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        units_to_labels: Tensor,
+        calibration: TaskLogitNorm | None,
+        task_units: dict[int, Tensor],
+        version: int,
+    ) -> None:
+        self.model = model.eval()
+        self.units_to_labels = units_to_labels
+        self.calibration = calibration
+        self.task_units = task_units
+        self.version = version
+        self.known = units_to_labels >= 0
+
+    @torch.no_grad()
+    def predict(self, features: Tensor) -> Prediction:
+        device = self.units_to_labels.device
+        logits = self.model(features.to(device))
+        if self.calibration is not None:
+            logits = self.calibration.apply(logits, self.task_units)
+        logits = logits.masked_fill(~self.known, float("-inf"))
+        if not bool(self.known.any()):
+            n = features.shape[0]
+            return Prediction(torch.full((n,), -1, dtype=torch.long), torch.zeros(n))
+        probs = logits.softmax(dim=1)
+        score, unit = probs.max(dim=1)
+        return Prediction(self.units_to_labels[unit].cpu(), score.float().cpu())
+
+
+class Learner:
+    """Model + SpaceNet plugin + Avalanche strategy, on one device."""
+
+    def __init__(self, cfg: ServiceConfig, device: torch.device | str | None = None) -> None:
+        from avalanche.training import Naive
+        from avalanche.training.plugins import EvaluationPlugin
+
+        from spacenet.strategy.plugin import SpaceNetPlugin
+
+        self.cfg = cfg
+        self.device = torch.device(device) if device is not None else pick_device(cfg.device)
+        self.model = build_model(cfg).to(self.device)
+        self.plugin = SpaceNetPlugin(
+            n_select=cfg.n_select,
+            n_reserve=cfg.n_reserve,
+            connections=cfg.spacenet_connections,
+            drop_fraction=cfg.drop_fraction,
+            seed=cfg.seed,
+            freeze_used_biases=cfg.freeze_used_biases,
+            on_exhausted=cast(ExhaustedPolicy, cfg.on_exhausted),  # validated by ServiceConfig
+            calibration=TaskLogitNorm() if cfg.calibrate else None,
+        )
+        self.stop_ = threading.Event()
+        self.steps_ = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no loggers": on purpose, metrics go to Prometheus
+            evaluator = EvaluationPlugin(loggers=[])
+        self.strategy = Naive(
+            model=self.model,
+            optimizer=torch.optim.SGD(self.model.parameters(), lr=cfg.lr),
+            train_mb_size=cfg.batch_size,
+            train_epochs=cfg.epochs,
+            eval_mb_size=1024,
+            device=self.device,
+            plugins=[self.plugin, _StepHook(self)],
+            evaluator=evaluator,
+        )
+        self.plugin.attach(self.model)
+
+    @property
+    def spacenet(self) -> Any:
+        return self.plugin.spacenet
+
+    def train_task(self, dataset: Dataset[tuple[Tensor, int]], classes: list[int]) -> float:
+        """Train one task; returns seconds. Raises ``TrainingAbandoned`` on ``stop_``."""
+        from avalanche.benchmarks import nc_benchmark
+
+        targets = getattr(dataset, "targets", None)
+        if targets is None or len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError("a task needs a non-empty dataset with .targets")
+        bench = nc_benchmark(
+            dataset,
+            dataset,
+            n_experiences=1,
+            task_labels=False,
+            shuffle=False,
+            fixed_class_order=sorted(classes),
+        )
+        torch.manual_seed(self.cfg.seed + self.spacenet.tasks_learned_)
+        start = time.perf_counter()
+        self.strategy.train(bench.train_stream[0], num_workers=0)
+        if self.stop_.is_set():
+            raise TrainingAbandoned("stopped during training")
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def evaluate(self, datasets: Mapping[int, Dataset[tuple[Tensor, int]]]) -> dict[int, tuple[float, int]]:
+        """Accuracy and size of each task's held-out sample (labels predicted over all classes)."""
+        predictor = self.frozen_copy(version=-1, copy_model=False)
+        results: dict[int, tuple[float, int]] = {}
+        for task, ds in datasets.items():
+            correct = total = 0
+            for x, y in DataLoader(ds, batch_size=1024):
+                pred = predictor.predict(x)
+                correct += int((pred.labels == y).sum())
+                total += int(y.numel())
+            if total:
+                results[task] = (correct / total, total)
+        self.model.train()
+        return results
+
+    def frozen_copy(self, version: int, copy_model: bool = True) -> Predictor:
+        net = self.spacenet
+        units = torch.arange(net.output.out_units, device=self.device)
+        model = copy.deepcopy(self.model) if copy_model else self.model
+        cal = copy.deepcopy(self.plugin.calibration) if self.plugin.calibration is not None else None
+        return Predictor(
+            model,
+            net.labels_of(units),
+            cal,
+            {t: u.to(self.device) for t, u in net.task_units().items()},
+            version,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "plugin": self.plugin.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.plugin.load_state_dict(state["plugin"])
+
+
+class _StepHook(SupervisedPlugin):  # type: ignore[misc]
+    """Counts steps, honours stop requests, and carries the ``training`` crash point."""
+
+    def __init__(self, learner: Learner) -> None:
+        super().__init__()
+        self.learner = learner
+
+    def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        if self.learner.stop_.is_set():
+            strategy.stop_training()
+        maybe_crash("training")
+
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self.learner.steps_ += 1

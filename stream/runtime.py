@@ -1,0 +1,128 @@
+"""Wiring of one service process: Kafka clients, learner, training loop, predictions, HTTP.
+
+>>> runtime = Runtime(ServiceConfig.load(), CollectorRegistry())   # doctest: +SKIP
+>>> runtime.run()                                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from spacenet.stream import wire
+from spacenet.stream.config import ServiceConfig
+from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
+from spacenet.stream.learner import Learner
+from spacenet.stream.predict import PredictionWorker
+from spacenet.stream.service import Service
+from spacenet.stream.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Builds and runs everything ``spacenet serve`` needs; ``stop()`` is signal-safe."""
+
+    def __init__(
+        self, cfg: ServiceConfig, registry: CollectorRegistry, kafka: KafkaSettings | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.kafka = kafka or KafkaSettings.from_env(bootstrap=cfg.bootstrap)
+        self.stop_ = threading.Event()
+        self.service: Service | None = None
+        self.predictions: PredictionWorker | None = None
+
+    def stop(self) -> None:
+        self.stop_.set()
+        if self.service is not None:
+            self.service.stop_.set()
+            self.service.learner.stop_.set()
+
+    def run(self) -> int:
+        from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+
+        cfg = self.cfg
+        log.info("starting with %s; kafka %s", cfg.redacted(), self.kafka)
+        learner = Learner(cfg)
+        device_name = torch.cuda.get_device_name(learner.device) if learner.device.type == "cuda" else ""
+        telemetry = Telemetry(
+            self.registry,
+            device=str(learner.device),
+            device_name=device_name,
+            layers=learner.spacenet.layer_names_,
+        )
+        telemetry.snapshot(learner.spacenet, None, 0)
+        http = telemetry.serve_http(
+            cfg.metrics_host,
+            cfg.metrics_port,
+            ready=lambda: self.service.ready if self.service else (False, "starting"),
+            health=lambda: self.service is None or self.service.healthy,
+        )
+        ensure_topics(
+            self.kafka,
+            [cfg.topic, cfg.requests_topic, cfg.predictions_topic, cfg.models_topic, cfg.dead_letter_topic],
+        )
+        client = self.kafka.client_kwargs()
+        producer = KafkaProducer(
+            **client, max_request_size=max(cfg.max_message_bytes * 2, 1 << 20), linger_ms=5
+        )
+        consumer = KafkaConsumer(
+            **client,
+            group_id=cfg.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=cfg.max_poll_records,
+            fetch_max_bytes=64 << 20,
+            max_partition_fetch_bytes=max(cfg.max_message_bytes, 1 << 20),
+        )
+        service = Service(cfg, consumer, producer, telemetry, learner)
+        self.service = service
+        if self.stop_.is_set():
+            service.stop_.set()
+
+        class Seek(ConsumerRebalanceListener):  # type: ignore[misc]
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                return None
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                service.seek_assigned(list(assigned))
+
+        service.restore()
+        consumer.subscribe([cfg.topic], listener=Seek())
+        predict_consumer = KafkaConsumer(
+            cfg.requests_topic,
+            **client,
+            group_id=f"{cfg.group}.predict",
+            auto_offset_reset="earliest",
+            enable_auto_commit=True,
+        )
+        self.predictions = PredictionWorker(
+            predict_consumer,
+            producer,
+            cfg.predictions_topic,
+            dead_letter=lambda msg, reason, detail: service.dead_letter(
+                msg.value, msg.key, reason, detail, msg
+            ),
+            model_source=lambda: service.predictor_,
+            limits=wire.WireLimits(
+                max_message_bytes=cfg.max_message_bytes,
+                max_records=cfg.max_records_per_message,
+                expected_shape=tuple(cfg.input_shape),
+                require_label=False,
+            ),
+            on_request=lambda n, seconds: telemetry.metrics.prediction(seconds, records=n),
+        )
+        self.predictions.start()
+        try:
+            return int(service.run(restored=True))
+        finally:
+            self.predictions.stop()
+            producer.flush()
+            producer.close()
+            if http is not None:
+                http.stop()

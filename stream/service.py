@@ -1,0 +1,471 @@
+"""``spacenet serve``: learn tasks from a Kafka topic, checkpoint, commit, publish, serve.
+
+One thread owns the training consumer. Each message is decoded and validated (bad
+ones go to the dead-letter topic with a reason), fed to the boundary detector and
+routed: training records into the task buffer, pending ones aside, late ones into
+their task's held-out sample. When a task closes, its partitions are paused and a
+worker thread trains it while this thread keeps polling (so the group membership
+holds); then every task's held-out sample is scored, a checkpoint is written, the
+offsets it covers are committed, and the new model version is published.
+
+Exactly-once learning: a checkpoint holds the model, the detector, the held-out
+samples, and every record observed but not yet learned (the open task's records and
+the pending ones), with the position after the last message observed. Offsets are
+committed only after that checkpoint is on disk, and on start partitions are sought
+to the checkpoint's positions, so a crash anywhere replays records, never loses or
+re-learns them.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from spacenet.strategy.capacity import CapacityExhaustedError
+from spacenet.strategy.cl_metrics import AccuracyMatrix
+from spacenet.stream import wire
+from spacenet.stream.boundary import BoundaryDetector, EventKind, Outcome
+from spacenet.stream.buffer import Records, TaskBuffer
+from spacenet.stream.checkpoint import CheckpointError, CheckpointStore
+from spacenet.stream.config import ServiceConfig, state_path
+from spacenet.stream.faults import maybe_crash
+from spacenet.stream.learner import Learner, Predictor, TrainingAbandoned
+from spacenet.stream.records import PendingStore, pack, unpack
+from spacenet.stream.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+ROW_BITS = 16  # record id = offset << 16 | row within the message
+REASON_HEADER, DETAIL_HEADER, SOURCE_HEADER = (
+    "spacenet-reject-reason",
+    "spacenet-reject-detail",
+    "spacenet-source",
+)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task: int
+    classes: tuple[int, ...]
+    train_seconds: float
+    accuracy: dict[int, tuple[float, int]]
+    error: BaseException | None = None
+
+
+class Service:
+    """The training loop; ``kafka`` supplies the clients (see ``serve.py``)."""
+
+    def __init__(
+        self,
+        cfg: ServiceConfig,
+        consumer: Any,
+        producer: Any,
+        telemetry: Telemetry,
+        learner: Learner | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.consumer = consumer
+        self.producer = producer
+        self.tm = telemetry
+        self.m = telemetry.metrics
+        self.learner = learner or Learner(cfg)
+        self.detector = BoundaryDetector(
+            cfg.min_count,
+            cfg.window,
+            cfg.group_window,
+            cfg.idle_timeout_s or None,
+            cfg.max_task_records or None,
+        )
+        self.store = CheckpointStore(state_path(cfg) / "checkpoints", keep=cfg.keep_checkpoints)
+        self.buffer = self._new_buffer()
+        self.pending = PendingStore()
+        self.limits = wire.WireLimits(
+            max_message_bytes=cfg.max_message_bytes,
+            max_records=min(cfg.max_records_per_message, 1 << ROW_BITS),
+            expected_shape=tuple(cfg.input_shape),
+            num_classes_max=None,
+        )
+        self.accuracy_ = AccuracyMatrix()
+        self.model_version_ = 0
+        self.positions_: dict[int, int] = {}
+        self.predictor_: Predictor | None = None
+        self.stop_ = threading.Event()
+        self.ready_reason_ = "starting"
+        self._backlog: collections.deque[Any] = collections.deque()
+        self._gen: Iterator[tuple[int, tuple[int, ...]]] | None = None
+        self._job: Future[TaskResult] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spacenet-train")
+        self._checkpoint_due = False
+        self._next_checkpoint_try = 0.0
+        self._published: Predictor | None = None
+        self._steps_before = 0
+
+    def _new_buffer(self) -> TaskBuffer:
+        return TaskBuffer(
+            self.cfg.input_shape,
+            dtype="uint8",
+            max_memory_bytes=self.cfg.max_buffer_bytes,
+            spill_dir=state_path(self.cfg) / "spill",
+            holdout_fraction=self.cfg.holdout_fraction,
+            holdout_max_per_task=self.cfg.holdout_max_per_task,
+            seed=self.cfg.seed,
+        )
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, restored: bool = False) -> int:
+        """Until ``stop_`` is set; returns the process exit code. ``restored``: the
+        caller already called ``restore()`` (before subscribing, so that partition
+        assignment can seek to the checkpoint's positions)."""
+        if not restored:
+            self.restore()
+        self.ready_reason_ = ""
+        try:
+            while not self.stop_.is_set():
+                self.step()
+        finally:
+            self._shutdown()
+        return 0
+
+    def step(self) -> None:
+        if self._job is not None:
+            self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms)  # paused: keeps the membership
+            if self._job.done():
+                self._finish_training(self._job.result())
+            return
+        if self._gen is not None:
+            self._advance()
+            return
+        if self._checkpoint_due and time.monotonic() >= self._next_checkpoint_try:
+            self._checkpoint_and_publish()
+            return
+        if not self._backlog:
+            polled = self.consumer.poll(
+                timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records
+            )
+            for messages in polled.values():
+                self._backlog.extend(messages)
+            self.tm.lag(self.consumer, self.positions_)
+            self.m.batch()
+            if not self._backlog:
+                self._gen = self._events(self.detector.tick(time.monotonic()))
+                return
+        self._gen = self._handle(self._backlog.popleft())
+
+    def _advance(self) -> None:
+        assert self._gen is not None
+        try:
+            task, classes = next(self._gen)
+        except StopIteration:
+            self._gen = None
+            return
+        self._start_training(task, classes)
+
+    # ------------------------------------------------------------ one message
+    def _handle(self, msg: Any) -> Iterator[tuple[int, tuple[int, ...]]]:
+        t0 = time.perf_counter()
+        try:
+            decoded = wire.decode(msg.value, msg.headers, self.limits)
+            if not decoded.is_control and decoded.features.dtype != torch.uint8:
+                raise wire.WireError(wire.RejectReason.DTYPE, "this service is configured for uint8 features")
+        except wire.WireError as e:
+            self.dead_letter(msg.value, msg.key, e.reason.value, e.detail, msg)
+            self.m.rejected(e.reason.value, time.perf_counter() - t0)
+            self.positions_[msg.partition] = msg.offset + 1
+            return
+        self.m.consumed(msg.topic, msg.partition, decoded.num_records, time.perf_counter() - t0)
+        labels = decoded.labels if decoded.labels is not None else np.zeros(0, np.int64)
+        features = (
+            decoded.features.numpy()
+            if decoded.num_records
+            else np.zeros((0, *self.cfg.input_shape), np.uint8)
+        )
+        res = self.detector.observe(
+            labels, marker=decoded.marker, marker_task=decoded.marker_task, now=time.monotonic()
+        )
+        ids = (np.int64(msg.offset) << ROW_BITS) + np.arange(len(labels), dtype=np.int64)
+        parts = np.full(len(labels), msg.partition, np.int64)
+        cursor = 0
+        for event in res.events:
+            self._route(res, features, labels, ids, parts, cursor, event.index)
+            cursor = event.index
+            yield from self._events([event])
+        self._route(res, features, labels, ids, parts, cursor, len(labels))
+        self.positions_[msg.partition] = msg.offset + 1
+        maybe_crash("buffering")
+
+    def _route(
+        self,
+        res: Any,
+        features: np.ndarray,
+        labels: np.ndarray,
+        ids: np.ndarray,
+        parts: np.ndarray,
+        lo: int,
+        hi: int,
+    ) -> None:
+        if hi <= lo:
+            return
+        outcome, tasks = res.outcome[lo:hi], res.task[lo:hi]
+        sl = np.arange(lo, hi)
+        train = sl[outcome == Outcome.TRAIN]
+        if train.size:
+            self._ensure_open(int(tasks[train[0] - lo]))
+            self.buffer.add(features[train], labels[train], ids[train], parts[train])
+            self.m.routed("train", int(train.size))
+        pend = sl[outcome == Outcome.PENDING]
+        if pend.size:
+            self.pending.put(res.first_seq + pend, features[pend], labels[pend], parts[pend], ids[pend])
+            self.m.routed("pending", int(pend.size))
+        late = sl[outcome == Outcome.LATE]
+        for task in np.unique(tasks[late - lo]).tolist() if late.size else []:
+            rows = late[tasks[late - lo] == task]
+            self.buffer.add_late(int(task), features[rows], labels[rows], ids[rows], parts[rows])
+            self.m.routed("late", int(rows.size))
+
+    def _ensure_open(self, task: int) -> None:
+        if self.buffer.task_ != task:
+            self.buffer.start_task(task)
+
+    def _events(self, events: list[Any]) -> Iterator[tuple[int, tuple[int, ...]]]:
+        for event in events:
+            kind = event.kind
+            if kind == EventKind.OPENED:
+                self._ensure_open(int(event.task))
+                self.m.boundary(event.reason.value if event.reason else "new_class")
+                self.m.set_current_task(int(event.task))
+                log.info("task %s opened (%s)", event.task, event.reason)
+            elif kind == EventKind.RELEASED:
+                recs = self.pending.take(event.seqs)
+                self._ensure_open(int(event.task))
+                self.buffer.add(recs.features, recs.labels, recs.ids, recs.partitions)
+            elif kind == EventKind.EXPIRED:
+                recs = self.pending.take(event.seqs)
+                self._dead_letter_records(recs, "unconfirmed_class")
+                self.m.routed("noise", len(recs))
+            elif kind == EventKind.DISAGREEMENT:
+                log.warning("markers and detector disagree: %s (task %s)", event.reason, event.task)
+                self.m.disagreement()
+            elif kind == EventKind.CLOSED:
+                log.info(
+                    "task %s closed (%s), classes %s, %d records",
+                    event.task,
+                    event.reason,
+                    list(event.classes),
+                    len(self.buffer),
+                )
+                if event.reason is not None and event.reason.value in ("timeout", "record_limit"):
+                    self.m.boundary(event.reason.value)
+                if len(self.buffer):
+                    yield int(event.task), tuple(int(c) for c in event.classes)
+                self.buffer.clear()
+
+    # ---------------------------------------------------------------- training
+    def _start_training(self, task: int, classes: tuple[int, ...]) -> None:
+        self.consumer.pause(*self.consumer.assignment())
+        self.m.training_started()
+        self._steps_before = self.learner.steps_
+        self._job = self._executor.submit(self._train, task, classes)
+
+    def _train(self, task: int, classes: tuple[int, ...]) -> TaskResult:
+        """Runs in the worker thread; the main thread does not touch the buffer meanwhile."""
+        try:
+            seconds = self.learner.train_task(self.buffer.dataset(scale=1.0), list(classes))
+        except (CapacityExhaustedError, TrainingAbandoned) as e:
+            return TaskResult(task, classes, 0.0, {}, e)
+        held_out = {t: self.buffer.holdout_dataset(t, scale=1.0) for t in self.buffer.holdout_tasks}
+        return TaskResult(task, classes, seconds, self.learner.evaluate(held_out))
+
+    def _finish_training(self, result: TaskResult) -> None:
+        self._job = None
+        self.m.training_finished(result.train_seconds, failed=result.error is not None, task=result.task)
+        self.m.steps(self.learner.steps_ - self._steps_before)
+        if isinstance(result.error, TrainingAbandoned):
+            log.warning("training of task %d abandoned for shutdown; it replays on restart", result.task)
+            self.stop_.set()
+            return
+        self.consumer.resume(*self.consumer.assignment())
+        if isinstance(result.error, CapacityExhaustedError):
+            log.error(
+                "capacity exhausted: task %d (classes %s) cannot be learned: %s; its %d records go to "
+                "the dead-letter topic",
+                result.task,
+                list(result.classes),
+                result.error,
+                len(self.buffer),
+            )
+            for batch in self.buffer.iter_batches():
+                self._dead_letter_records(batch, "capacity_exhausted")
+            self.m.capacity_exhausted(_limiting_layer(result.error))
+            self._checkpoint_due = True
+            return
+        for task, (acc, n) in result.accuracy.items():
+            self.accuracy_.record(result.task, task, acc, n)
+        self.model_version_ += 1
+        self._published = self.learner.frozen_copy(self.model_version_)
+        self.tm.snapshot(self.learner.spacenet, self.accuracy_, self.model_version_)
+        self._checkpoint_due = True
+        log.info(
+            "task %d learned in %.1fs (model version %d); held-out accuracy %s",
+            result.task,
+            result.train_seconds,
+            self.model_version_,
+            {t: round(a, 3) for t, (a, _) in result.accuracy.items()},
+        )
+
+    # --------------------------------------------------- checkpoint, commit, publish
+    def _checkpoint_and_publish(self) -> None:
+        self.producer.flush()  # dead letters are durable before their offsets are committed
+        payload = self._payload()
+        try:
+            with self.m.checkpoint():
+                self.store.save(self.model_version_, payload)
+        except CheckpointError as e:
+            self.ready_reason_ = f"checkpoint failing: {e}"
+            log.error("%s; offsets stay uncommitted, retrying in 10 s", e)
+            self._next_checkpoint_try = time.monotonic() + 10.0
+            return
+        maybe_crash("after_checkpoint")
+        self._commit()
+        self._checkpoint_due = False
+        self.ready_reason_ = ""
+        if self._published is not None and self._published is not self.predictor_:
+            self.predictor_ = self._published
+            self._announce()
+
+    def _commit(self) -> None:
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        offsets = {
+            TopicPartition(self.cfg.topic, p): OffsetAndMetadata(o, "", -1)
+            for p, o in self.positions_.items()
+        }
+        if offsets:
+            self.consumer.commit(offsets)
+
+    def _announce(self) -> None:
+        report = self.learner.spacenet.capacity()
+        event = {
+            "model_version": self.model_version_,
+            "tasks_learned": report.tasks_learned,
+            "classes": sorted(self.learner.spacenet.label_to_unit_),
+            "final_accuracy": self.accuracy_.final_accuracy() if self.accuracy_.n_trained else None,
+            "accuracy": self.accuracy_.as_dict(),
+            "capacity": report.as_dict(),
+            "time": time.time(),
+        }
+        self.producer.send(
+            self.cfg.models_topic, key=str(self.model_version_).encode(), value=json.dumps(event).encode()
+        )
+        self.m.model_published(self.model_version_)
+        log.info("published model version %d", self.model_version_)
+
+    def _payload(self) -> dict[str, Any]:
+        seqs, pending = self.pending.all()
+        open_records = Records.concat(list(self.buffer.iter_batches())) if len(self.buffer) else None
+        return {
+            "format": 1,
+            "model_version": self.model_version_,
+            "learner": self.learner.state_dict(),
+            "detector": json.dumps(self.detector.state_dict()),
+            "positions": {str(p): o for p, o in self.positions_.items()},
+            "pending_seqs": torch.tensor(seqs, dtype=torch.long),
+            "pending": pack(pending),
+            "open_task": -1 if self.buffer.task_ is None else int(self.buffer.task_),
+            "open_records": pack(open_records) if open_records is not None else {},
+            "holdout": {str(t): pack(self.buffer.holdout(t)) for t in self.buffer.holdout_tasks},
+            "accuracy": json.dumps(self.accuracy_.as_dict()),
+        }
+
+    def restore(self) -> None:
+        """Resume from the newest complete checkpoint, if any."""
+        found = self.store.latest()
+        for torn in self.store.skipped_:
+            log.warning("ignored incomplete checkpoint %s", torn)
+        if found is None:
+            log.info("no checkpoint in %s: starting fresh", self.store.directory)
+            return
+        version, ck = found
+        self.learner.load_state_dict(ck["learner"])
+        self.detector.load_state_dict(json.loads(ck["detector"]))
+        self.positions_ = {int(p): int(o) for p, o in ck["positions"].items()}
+        pending = unpack(ck["pending"])
+        self.pending.put(
+            ck["pending_seqs"].numpy(),
+            pending.features,
+            pending.labels,
+            pending.partitions.astype(np.int64),
+            pending.ids,
+        )
+        for task, packed in ck["holdout"].items():
+            recs = unpack(packed)
+            self.buffer.add_late(int(task), recs.features, recs.labels, recs.ids, recs.partitions)
+        if ck["open_task"] >= 0:
+            self.buffer.start_task(int(ck["open_task"]))
+            if ck["open_records"]:
+                recs = unpack(ck["open_records"])
+                self.buffer.add(recs.features, recs.labels, recs.ids, recs.partitions)
+        self.accuracy_ = AccuracyMatrix.from_dict(json.loads(ck["accuracy"]))
+        self.model_version_ = int(ck["model_version"])
+        self.predictor_ = self._published = self.learner.frozen_copy(self.model_version_)
+        self.m.model_published(self.model_version_)
+        self.tm.snapshot(self.learner.spacenet, self.accuracy_, self.model_version_)
+        log.info("resumed from checkpoint %d at positions %s", version, self.positions_)
+
+    def seek_assigned(self, assigned: list[Any]) -> None:
+        """Rebalance hook: start each partition at the checkpoint's position."""
+        for tp in assigned:
+            if tp.partition in self.positions_:
+                self.consumer.seek(tp, self.positions_[tp.partition])
+
+    # ------------------------------------------------------------- dead letters
+    def dead_letter(
+        self, value: bytes | None, key: bytes | None, reason: str, detail: str, msg: Any = None
+    ) -> None:
+        headers = [(REASON_HEADER, reason.encode()), (DETAIL_HEADER, detail[:500].encode(errors="replace"))]
+        if msg is not None:
+            headers.append((SOURCE_HEADER, f"{msg.topic}:{msg.partition}:{msg.offset}".encode()))
+        self.producer.send(self.cfg.dead_letter_topic, key=key, value=value or b"", headers=headers)
+        self.m.dead_lettered(reason)
+
+    def _dead_letter_records(self, recs: Records, reason: str) -> None:
+        """Well-formed records the service cannot learn: re-encoded, one message per record."""
+        for i in range(len(recs)):
+            value = wire.encode(recs.features[i : i + 1], recs.labels[i : i + 1])
+            src = f"{self.cfg.topic}:{int(recs.partitions[i])}:{int(recs.ids[i]) >> ROW_BITS}"
+            self.dead_letter(value, None, reason, f"record {src}", None)
+
+    def _shutdown(self) -> None:
+        self.learner.stop_.set()
+        if self._job is not None:
+            self._job.result()  # training notices the stop flag at its next step
+        self._executor.shutdown(wait=True)
+        self.producer.flush()
+        self.consumer.close(autocommit=False)
+        log.info("stopped; last checkpoint is model version %d", self.model_version_)
+
+    # ---------------------------------------------------------------- probes
+    @property
+    def healthy(self) -> bool:
+        """Alive: the loop runs (a failing checkpoint is not fatal: see ``ready``)."""
+        return not self.stop_.is_set()
+
+    @property
+    def ready(self) -> tuple[bool, str]:
+        return (not self.ready_reason_, self.ready_reason_ or "ok")
+
+
+def _limiting_layer(error: BaseException | None) -> str | None:
+    """The layer name a CapacityExhaustedError message starts with, if any."""
+    text = str(error or "")
+    if text.startswith("layer "):
+        return text[6:].split(":", 1)[0]
+    return "out" if "output layer" in text else None

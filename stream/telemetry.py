@@ -1,0 +1,87 @@
+"""One service process's observability: its metrics, model-state snapshots, consumer lag, HTTP.
+
+``Telemetry`` creates ``ServiceMetrics`` on the registry the process made, registers a
+``ModelStateCollector`` that reads the latest snapshot at scrape time, and serves
+``/metrics``, ``/healthz`` and ``/readyz``. The training thread publishes a new snapshot
+after each task; nothing model-derived is computed on the hot path.
+
+    >>> tm = Telemetry(CollectorRegistry(), device="cpu")
+    >>> tm.metrics.boundary("new_class")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from spacenet.strategy.spacenet import SpaceNet
+from spacenet.stream.http import MetricsServer
+from spacenet.stream.metrics import DEFAULT_DEAD_LETTER_REASONS, ServiceMetrics
+from spacenet.stream.metrics_collector import AccuracySource, ModelState, ModelStateCollector
+
+DEAD_LETTER_REASONS = (*DEFAULT_DEAD_LETTER_REASONS, "unconfirmed_class")
+
+
+class Telemetry:
+    """Metrics, the model-state collector and the HTTP endpoints of one process."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        device: str = "cpu",
+        device_name: str = "",
+        layers: Sequence[str] = (),
+        lag_every_s: float = 5.0,
+    ) -> None:
+        self.registry = registry
+        self.metrics = ServiceMetrics(
+            registry,
+            layers=layers,
+            dead_letter_reasons=DEAD_LETTER_REASONS,
+            device=device,
+            device_name=device_name,
+        )
+        self.state_: ModelState | None = None
+        registry.register(ModelStateCollector(lambda: self.state_))
+        self.lag_every_s = lag_every_s
+        self._next_lag = 0.0
+
+    def snapshot(self, net: SpaceNet, accuracy: AccuracySource | None, version: int) -> None:
+        """Publish what the model knows now (call between tasks, on the training side)."""
+        self.state_ = ModelState.of(
+            net, accuracy if accuracy is not None and _has_rows(accuracy) else None, version
+        )
+        self.metrics.set_known_classes(len(net.label_to_unit_))
+
+    def lag(self, consumer: Any, positions: Mapping[int, int]) -> None:
+        """Consumer lag per assigned partition, at most every ``lag_every_s`` seconds."""
+        now = time.monotonic()
+        if now < self._next_lag:
+            return
+        self._next_lag = now + self.lag_every_s
+        assigned = list(consumer.assignment())
+        if not assigned:
+            return
+        ends = consumer.end_offsets(assigned)
+        for tp in assigned:
+            position = positions.get(tp.partition)
+            if position is None:
+                position = consumer.position(tp)
+            self.metrics.lag(tp.topic, tp.partition, max(0, int(ends[tp]) - int(position)))
+
+    def serve_http(
+        self, host: str, port: int, ready: Callable[[], tuple[bool, str]], health: Callable[[], bool]
+    ) -> MetricsServer | None:
+        """Start ``/metrics``, ``/healthz``, ``/readyz`` unless ``port`` is negative."""
+        if port < 0:
+            return None
+        server = MetricsServer(self.registry, host=host, port=port, health=health, ready=ready)
+        server.start()
+        return server
+
+
+def _has_rows(accuracy: AccuracySource) -> bool:
+    return bool(accuracy.matrix())
