@@ -80,17 +80,12 @@ def make_model(info: BenchmarkInfo) -> nn.Module:
     return model
 
 
-def spacenet_kwargs(model: nn.Module) -> dict[str, Any]:
-    """SpaceNet plugin arguments for ``model``: none (the paper's defaults) for the MLP.
-
-    For ``SmallCNN``: ``SmallCNN.spacenet_defaults()`` plus ``on_exhausted="shrink"``.
-    With ``"error"`` split CIFAR-10 stops at its second experience: the first conv has
-    only 3 x 32 kernel slices, and a task whose channels overlap an earlier task's
-    cannot get its full budget there. ``"shrink"`` gives such a task what is left.
-    """
+def spacenet_kwargs(model: nn.Module, num_tasks: int = 5) -> dict[str, Any]:
+    """SpaceNet plugin arguments for ``model``: none (the paper's defaults) for the MLP;
+    for ``SmallCNN``, ``model.spacenet_defaults(num_tasks)``, sized so the tasks fit."""
     if not isinstance(model, SmallCNN):
         return {}
-    return {**SmallCNN.spacenet_defaults(), "on_exhausted": "shrink"}
+    return model.spacenet_defaults(num_tasks)
 
 
 # ------------------------------------------------------------------------ factories
@@ -118,7 +113,7 @@ def _spacenet(freeze_used_biases: bool = False, calibrate: bool = False) -> Stra
             seed=seed,
             freeze_used_biases=freeze_used_biases,
             calibration=TaskLogitNorm() if calibrate else None,
-            **spacenet_kwargs(model),
+            **spacenet_kwargs(model, s.n_experiences),
         )
         return Naive(**_common(model, s, [plugin, *plugins], evaluator))
 

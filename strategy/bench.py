@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         n_experiences=args.n_experiences or info.n_experiences,
     )
-    plugin_kwargs = spacenet_kwargs(make_model(info))
+    plugin_kwargs = spacenet_kwargs(make_model(info), settings.n_experiences)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"settings": settings_block(args, settings), "strategies": {}}
     base = RunConfig(

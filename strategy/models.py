@@ -55,6 +55,7 @@ class SmallCNN(nn.Module):
     ):
         super().__init__()
         c1, c2, c3 = channels
+        self.channels = channels
         self.convs = nn.ModuleList(
             [
                 nn.Conv2d(in_channels, c1, 3, padding=1),
@@ -75,12 +76,14 @@ class SmallCNN(nn.Module):
         out: Tensor = self.out(x)
         return out
 
-    @staticmethod
-    def spacenet_defaults() -> dict[str, object]:
-        """SpaceNet settings for this CNN: per-layer selection, reservation and budgets
-        (floats are densities of the task's selected x selected block)."""
+    def spacenet_defaults(self, num_tasks: int = 5) -> dict[str, object]:
+        """SpaceNet settings sized so ``num_tasks`` tasks fit: per hidden layer of width W,
+        each task reserves W // (num_tasks + 1) neurons and selects twice that many.
+        Budgets are densities (floats) of each task's free selected x selected block."""
+        widths: list[int] = [*self.channels, self.fc.out_features]
+        reserve = [max(1, w // (num_tasks + 1)) for w in widths]
         return {
-            "n_select": (12, 24, 48, 96),
-            "n_reserve": (6, 12, 24, 48),
+            "n_select": tuple(min(w, 2 * r) for w, r in zip(widths, reserve, strict=True)),
+            "n_reserve": tuple(reserve),
             "connections": (1.0, 0.5, 0.5, 0.2, 0.5),
         }

@@ -42,7 +42,8 @@ class SpaceNet:
         n_select: free neurons picked at random per hidden layer for each task.
         n_reserve: most important free neurons reserved per hidden layer after each task.
         connections: connection budget per layer (hidden layers then output): an int, or
-            a float in (0, 1] meaning a density of the task's selected x selected block.
+            a float in (0, 1] meaning a density of the free positions of the task's
+            selected x selected block.
         drop_fraction: share of the task's connections dropped and regrown per epoch.
         seed: seeds allocation, so runs are reproducible.
         on_exhausted: ``"error"`` raises ``CapacityExhaustedError`` when a task cannot
@@ -210,7 +211,8 @@ class SpaceNet:
     def _place_connections(self, layer: SparseLayer, budget: int | float, task: int) -> None:
         block = layer.selected_out_[:, None] & layer.selected_in_[None, :]
         candidates = torch.nonzero((block & (layer.conn_owner_ == FREE)).flatten().cpu()).flatten()
-        wanted = int(budget) if isinstance(budget, int) else round(float(budget) * int(block.sum()))
+        # An int is a count; a float a density of the block's positions still free.
+        wanted = int(budget) if isinstance(budget, int) else max(1, round(float(budget) * candidates.numel()))
         if candidates.numel() < wanted:
             if self.on_exhausted == "error" or candidates.numel() == 0:
                 raise CapacityExhaustedError(

@@ -160,8 +160,14 @@ def test_registry_has_the_issue_strategies() -> None:
 
 def test_spacenet_kwargs_per_model() -> None:
     assert spacenet_kwargs(SpaceNetMLP()) == {}
-    cnn = spacenet_kwargs(SmallCNN())
-    assert cnn == {**SmallCNN.spacenet_defaults(), "on_exhausted": "shrink"}
+    cnn = SmallCNN()
+    assert spacenet_kwargs(cnn, 10) == cnn.spacenet_defaults(10)
+    # Sized so the tasks fit: before the last task, each hidden layer still has n_select free neurons.
+    for tasks in (5, 10):
+        kw = cnn.spacenet_defaults(tasks)
+        widths = (32, 64, 128, 256)
+        for w, sel, res in zip(widths, kw["n_select"], kw["n_reserve"], strict=True):  # type: ignore[call-overload]
+            assert w - (tasks - 1) * res >= sel
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -250,7 +256,7 @@ def test_bench_small_cnn_on_synthetic_cifar10(tmp_path: Path) -> None:
     capacity = entry["capacity"][0]
     assert capacity["tasks_learned"] == 5
     assert [layer["name"] for layer in capacity["layers"]] == ["convs.0", "convs.1", "convs.2", "fc", "out"]
-    assert entry["spacenet_kwargs"]["on_exhausted"] == "shrink"
+    assert "on_exhausted" not in entry["spacenet_kwargs"]  # the defaults fit: no shrinking needed
     assert (out / "accuracy_matrix_spacenet.png").exists()
 
 
