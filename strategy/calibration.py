@@ -8,8 +8,9 @@ logit ``m_j(x)`` (the largest logit among task j's classes), then the class insi
 that task by the raw logits. It keeps no samples, only a few numbers per task, all
 computed from the data of the task being learned:
 
-- ``mode="zscore"`` (default, the better of the two on split MNIST): at the end of task j, the mean and standard deviation of
-  ``m_j`` on task j's own data; the task score is ``(m_j - mean_j) / std_j``.
+- ``mode="zscore"`` (default; the better of the two on split MNIST): at the end of
+  task j, the mean and standard deviation of ``m_j`` on task j's own data; the task
+  score is ``(m_j - mean_j) / std_j``.
 - ``mode="llr"``: also, at the end of every later task t, the statistics
   of ``m_j`` on task t's data, i.e. how head j responds to inputs that are *not*
   its own. The task score is the Gaussian log-likelihood ratio "own vs foreign".
