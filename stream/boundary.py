@@ -191,6 +191,13 @@ class BoundaryDetector:
         self._check_timeout(now, out)
         return out.events
 
+    def restart_clock(self, now: float) -> None:
+        """Count idle time from ``now``: after a pause the stream did not cause (the
+        caller stopped consuming to train a task, or the process restarted), so that
+        the pause itself never closes a task by timeout."""
+        if self.last_time_ is not None:
+            self.last_time_ = now
+
     def pending_seqs(self) -> list[int]:
         """Records still pending, in stream order."""
         return sorted(s for seqs in self._pending.values() for s in seqs)

@@ -293,6 +293,7 @@ class Service:
             self.stop_.set()
             return
         self.consumer.resume(*self.consumer.assignment())
+        self.detector.restart_clock(time.monotonic())  # training time is not idle stream time
         if isinstance(result.error, CapacityExhaustedError):
             log.error(
                 "capacity exhausted: task %d (classes %s) cannot be learned: %s; its %d records go to "
@@ -396,6 +397,7 @@ class Service:
         version, ck = found
         self.learner.load_state_dict(ck["learner"])
         self.detector.load_state_dict(json.loads(ck["detector"]))
+        self.detector.restart_clock(time.monotonic())  # the clock of another process
         self.positions_ = {int(p): int(o) for p, o in ck["positions"].items()}
         pending = unpack(ck["pending"])
         self.pending.put(

@@ -341,3 +341,11 @@ def test_markers_may_be_given_as_decoded_from_the_wire() -> None:
     det.observe([3, 3], wire.Marker.TASK_START, 5)
     det.observe([], "task-end", 5)
     assert det.task_classes_ == {5: [3]} and det.current_task_ is None and det.markers_in_use_
+
+
+def test_restart_clock_keeps_a_pause_from_closing_the_task() -> None:
+    det = BoundaryDetector(min_count=2, window=10, group_window=3, idle_timeout_s=5.0)
+    det.observe(np.array([1, 1, 1]), now=0.0)
+    det.restart_clock(100.0)  # e.g. the service trained a task from t=0 to t=100
+    assert det.tick(104.0) == []
+    assert [e.reason.value for e in det.tick(106.0) if e.reason is not None] == ["timeout"]
