@@ -88,6 +88,8 @@ class RunConfig:
     verify: bool = True
     threads: int = 1
     progress: bool = True
+    metrics_port: int | None = None  # serve Avalanche's metrics as Prometheus gauges on it
+    metrics_host: str = "127.0.0.1"
 
 
 # ---------------------------------------------------------------- one run (child)
@@ -141,7 +143,8 @@ def run_one(config: RunConfig) -> dict[str, Any]:
     )
     seed_everything(config.seed)
     model = make_model(BENCHMARKS[config.benchmark])
-    evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
+    loggers, server = _prometheus_loggers(config)
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=loggers)
     strategy = build_strategy(config.strategy, model, config.settings, config.seed, evaluator=evaluator)
     test_sizes = [len(exp.dataset) for exp in bm.test_stream]
     matrix = AccuracyMatrix()
@@ -178,7 +181,24 @@ def run_one(config: RunConfig) -> dict[str, Any]:
     for plugin in strategy.plugins:
         if isinstance(plugin, SpaceNetPlugin):
             result["capacity"] = plugin.capacity().as_dict()
+    if server is not None:
+        server.shutdown()
+        server.server_close()
     return result
+
+
+def _prometheus_loggers(config: RunConfig) -> tuple[list[Any], Any]:
+    """With ``--metrics-port``: a ``PrometheusLogger`` on a registry of this run, served
+    over HTTP for the run's duration (runs are sequential, so they share the port)."""
+    if config.metrics_port is None:
+        return [], None
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from spacenet.strategy.prometheus_logger import PrometheusLogger
+
+    registry = CollectorRegistry()
+    server, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=registry)
+    return [PrometheusLogger(registry)], server
 
 
 def run_in_child(config: RunConfig) -> dict[str, Any]:
@@ -392,6 +412,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="skip CIFAR md5 checks: only for small local files in CIFAR's format (tests)",
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve the runs' metrics for Prometheus")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of --metrics-port")
     args = p.parse_args(argv)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in args.strategies if s not in REGISTRY]
@@ -452,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         not args.no_verify,
         args.threads,
         not args.no_progress,
+        args.metrics_port,
+        args.metrics_host,
     )
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.strategies}
     jobs = [(name, seed) for name in args.strategies for seed in args.seeds]

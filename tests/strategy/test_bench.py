@@ -270,3 +270,23 @@ def test_a_failed_run_is_recorded_and_the_exit_code_says_so(tmp_path: Path) -> N
     assert entry["seeds"] == [] and entry["final_accuracy_mean"] is None
     assert "Dataset not found" in entry["errors"][0]["error"]
     assert "Failed runs:" in (out / "results.md").read_text()
+
+
+def test_metrics_port_serves_the_runs_avalanche_metrics() -> None:
+    import socket
+    import urllib.request
+
+    from spacenet.strategy.bench import RunConfig, _prometheus_loggers
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = RunConfig("split_mnist", "spacenet", 0, TrainSettings(), metrics_port=port)
+    loggers, server = _prometheus_loggers(config)
+    try:
+        loggers[0].log_single_metric("Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp001", 0.75, 3)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "spacenet_bench_metric{" in body and "0.75" in body
