@@ -20,9 +20,8 @@ flock 9
 if [ ! -f "$deps/.complete" ]; then
   echo "bootstrap: building the dependency venv $deps (first run on this machine: several minutes)" >&2
   rm -rf "$deps"
-  "$py" -m venv "$deps"
-  "$deps/bin/python" -m pip install -q --disable-pip-version-check "pip==26.3"
-  "$deps/bin/python" -m pip install -q --disable-pip-version-check -r "$root/requirements.lock"
+  # The same script builds the Docker image's environment (see the Dockerfile).
+  PYTHON="$py" "$root/scripts/install-deps.sh" "$deps"
   touch "$deps/.complete"
 fi
 flock -u 9
