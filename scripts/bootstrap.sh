@@ -11,7 +11,7 @@ command -v "$py" >/dev/null || py=python3
 "$py" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
   || { echo "bootstrap: Python 3.11 or newer is needed (set PYTHON=...)" >&2; exit 2; }
 pyver=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-key=$( (cat "$root/requirements.lock"; echo "$pyver") | sha256sum | cut -c1-16)
+key=$( (cat "$root/requirements.lock" "$root/scripts/install-deps.sh"; echo "$pyver") | sha256sum | cut -c1-16)
 deps=$cache/venv-$key
 mkdir -p "$cache"
 
@@ -32,6 +32,10 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.deps" 2>/dev/null)" != "$deps
   rm -rf "$venv"
   "$py" -m venv --without-pip "$venv"
   vsite=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  case "$vsite" in
+    "$venv"/*) ;;
+    *) echo "bootstrap: $venv/bin/python is not a venv (site-packages $vsite); refusing to write there" >&2; exit 2 ;;
+  esac
   # addsitedir (not a bare path) so the cached site-packages' own .pth files run too.
   echo "import site; site.addsitedir('$site')" > "$vsite/_spacenet_deps.pth"
   ln -sf "$deps/bin/ruff" "$venv/bin/ruff"
