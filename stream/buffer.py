@@ -76,8 +76,8 @@ class Records:
         return sum(a.nbytes for a in (self.features, self.labels, self.partitions, self.ids))
 
     def take(self, rows: npt.ArrayLike) -> Records:
-        r = np.asarray(rows, dtype=np.intp)
-        return Records(self.features[r], self.labels[r], self.partitions[r], self.ids[r])
+        r = np.asarray(rows, dtype=np.intp)  # np.take gathers rows about twice as fast as x[r]
+        return Records(*(np.take(getattr(self, f), r, axis=0) for f in _FIELDS))
 
     @staticmethod
     def concat(parts: Sequence[Records]) -> Records:
@@ -118,25 +118,51 @@ class _Reservoir:
         self.cap, self.seen, self.rows = cap, seen, rows
         self.n = 0 if rows is None else len(rows)
 
-    def offer(self, recs: Records, seed: int, task: int) -> tuple[npt.NDArray[np.intp], list[Records]]:
-        """Sample ``recs`` in; returns the rows of ``recs`` passed over and the evicted rows."""
-        counts = np.arange(self.seen + 1, self.seen + len(recs) + 1, dtype=np.int64)
+    def offer(
+        self, recs: Records, seed: int, task: int, index: npt.NDArray[np.intp] | None = None
+    ) -> tuple[npt.NDArray[np.intp], list[Records]]:
+        """Sample the rows ``index`` of ``recs`` (default: all) in, in that order, copying only
+        those kept; returns the positions in ``index`` passed over and the evicted rows."""
+        if index is None:
+            index = np.arange(len(recs), dtype=np.intp)
+        counts = np.arange(self.seen + 1, self.seen + len(index) + 1, dtype=np.int64)
         slots = (_hash(seed, task, counts) % counts.astype(np.uint64)).astype(np.int64)
         filling = counts <= self.cap
         slots[filling] = counts[filling] - 1  # not full yet: keep every record
-        self.seen += len(recs)
+        self.seen += len(index)
         rows = self._reserve(min(self.seen, self.cap), recs)
-        fill = np.flatnonzero(filling)
+        fill = index[filling]
         for f in _FIELDS:
-            getattr(rows, f)[self.n : self.n + len(fill)] = getattr(recs, f)[fill]
+            getattr(rows, f)[self.n : self.n + len(fill)] = np.take(getattr(recs, f), fill, axis=0)
         self.n += len(fill)
-        evicted = []
-        for row in np.flatnonzero(~filling & (slots < self.cap)).tolist():  # later ones may evict earlier
-            slot = int(slots[row])
-            evicted.append(rows.take([slot]))
-            for f in _FIELDS:
-                getattr(rows, f)[slot] = getattr(recs, f)[row]
-        return np.flatnonzero(slots >= self.cap), evicted
+        replacing = np.flatnonzero(~filling & (slots < self.cap))
+        if not len(replacing):
+            return np.flatnonzero(slots >= self.cap), []
+        evicted = self._replace(rows, recs, index[replacing], slots[replacing])
+        return np.flatnonzero(slots >= self.cap), [evicted]
+
+    @staticmethod
+    def _replace(rows: Records, recs: Records, replacing: npt.NDArray[np.intp], slots: Any) -> Records:
+        """Put ``recs[replacing[i]]`` into ``rows[slots[i]]`` for each i in order and return the
+        rows evicted, in that order, in one gather: a record placed earlier in this call may be
+        evicted again by a later one for the same slot."""
+        order = np.argsort(slots, kind="stable")  # each slot's replacements, in call order
+        sorted_slots = slots[order]
+        first = np.ones(len(order), bool)  # the first replacement of its slot in this call
+        first[1:] = sorted_slots[1:] != sorted_slots[:-1]
+        last = np.ones(len(order), bool)  # the one that stays
+        last[:-1] = first[1:]
+        evicts_old = order[first]  # these evict a row sampled before this call
+        evicts_new = order[~first]  # these evict the record its slot's previous replacement put there
+        previous = replacing[order[np.flatnonzero(~first) - 1]]
+        evicted = {}
+        for f in _FIELDS:
+            sample, offered = getattr(rows, f), getattr(recs, f)
+            out = evicted[f] = np.empty((len(order), *offered.shape[1:]), offered.dtype)
+            out[evicts_old] = sample[slots[evicts_old]]  # copied before the writes below
+            out[evicts_new] = offered[previous]
+            sample[sorted_slots[last]] = offered[replacing[order[last]]]
+        return Records(**evicted)
 
     def _reserve(self, size: int, like: Records) -> Records:
         have = 0 if self.rows is None else len(self.rows)
@@ -213,15 +239,17 @@ class TaskBuffer:
         partitions: npt.ArrayLike | None = None,
     ) -> None:
         """Add records of the open task: held-out or training, never both. ``ids`` with
-        ``partitions`` (default 0) name each record stably, e.g. Kafka offsets."""
+        ``partitions`` (default 0) name each record stably, e.g. Kafka offsets. The buffer
+        copies what it keeps, so the caller may reuse or overwrite ``features`` afterwards."""
         if self.task_ is None:
             raise RuntimeError("start_task() first")
         recs = self._records(features, labels, ids, partitions)
         u = (_hash(self.seed, recs.partitions, recs.ids) >> np.uint64(11)).astype(np.float64) / 2.0**53
         chosen = u < self.holdout_fraction
         reservoir = self._holdout.setdefault(self.task_, _Reservoir(self.holdout_max_per_task))
-        passed, evicted = reservoir.offer(recs.take(np.flatnonzero(chosen)), self.seed, self.task_)
-        chosen[np.flatnonzero(chosen)[passed]] = False
+        held = np.flatnonzero(chosen)
+        passed, evicted = reservoir.offer(recs, self.seed, self.task_, held)
+        chosen[held[passed]] = False
         for chunk in [c for c in [recs.take(np.flatnonzero(~chosen)), *evicted] if len(c)]:
             self._chunks.append(chunk)
             self._chunk_bytes += chunk.nbytes

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,11 +36,28 @@ VERSION_HEADER, MARKER_HEADER, TASK_HEADER = "spacenet-schema-version", "spacene
 VERSION_KEY, SHAPE_KEY = b"spacenet.schema_version", b"spacenet.shape"
 EVENT_TIME_TYPE = pa.timestamp("ms", tz="UTC")
 Headers = Sequence[tuple[str, bytes | None]]  # as Kafka clients hand them over; a None value reads as b""
-_OPTIONAL_TYPES = {"label": pa.int64(), "task": pa.int64(), "event_time": EVENT_TIME_TYPE}
+_INT64 = pa.int64()
+_NO_CLASS_LIMIT = 1 << 63  # above every non-negative int64 label
+_OPTIONAL_TYPES = {"label": _INT64, "task": _INT64, "event_time": EVENT_TIME_TYPE}
 _DIM = re.compile(rb"[1-9][0-9]{0,8}")  # at most 8 dims of at most 9 digits: no huge-int parsing
 _TASK_ID = re.compile(rb"[0-9]{1,18}")
 # What hostile bytes raise inside pyarrow and our flatbuffer peek; all of it means undecodable.
 _DECODE_ERRORS = (pa.ArrowException, OSError, ValueError, struct.error, IndexError, OverflowError)
+# Two caches make a producer's messages cheap after its first: every message from one producer
+# carries the same schema bytes, and every message with as many records the same bytes up to
+# its batch body. Both hold only what passed every check, keyed by those exact bytes and by
+# everything else the checks read; both are bounded in entries and in key size, so hostile
+# input cannot grow them. Parsing and checking the schema (``_schema``) and the batch layout
+# (``_Layout``) cost far more than reading the values.
+_SchemaKey = tuple[bytes, str | None, tuple[int, ...] | None, int]
+_SCHEMA_CACHE: dict[_SchemaKey, tuple[pa.Schema, tuple[int, ...]]] = {}
+_LayoutKey = tuple[bytes, int, str | None, tuple[int, ...] | None, int, int]
+_LAYOUT_CACHE: dict[_LayoutKey, _Layout] = {}
+_CACHE_ENTRIES = 64  # per cache; the oldest entry goes first
+_CACHE_KEY_BYTES = 16 << 10  # a v1 schema plus batch header is about 1 KiB
+_CACHE_LOCK = threading.Lock()
+_CONTINUATION = b"\xff\xff\xff\xff"  # starts each message of an Arrow IPC stream
+_TAIL_BYTES = 16  # what may follow the batch body in a cached layout: the end-of-stream marker
 
 
 class RejectReason(StrEnum):
@@ -176,16 +194,36 @@ def decode(value: bytes | None, headers: Headers | None, limits: WireLimits) -> 
         _ensure(header_version is not None, RejectReason.SCHEMA_VERSION, "control message needs a version")
         empty = torch.empty((0,), dtype=torch.uint8)
         return Decoded(empty, None, None, None, (), marker, marker_task, 0, nbytes)
+    learned: _Layout | None = None
     try:
-        batch, shape = _read_stream(value, header_version, limits)
-        features = from_dlpack(batch.column("features").flatten()).reshape(batch.num_rows, *shape)
-        labels, tasks = _labels(batch, limits), _column(batch, "task", RejectReason.TASK)
-        event_time = _column(batch, "event_time", RejectReason.SCHEMA)
+        key = _layout_key(value, header_version, limits)
+        layout = None if key is None else _LAYOUT_CACHE.get(key)
+        if layout is not None and value.endswith(layout.tail):
+            features, labels, tasks, event_time = layout.columns(value, limits)
+            shape, rows = layout.shape, layout.rows
+        else:
+            batch, column, shape, body = _read_stream(value, header_version, limits)
+            rows = batch.num_rows
+            width = column.type.list_size
+            # The child values in this batch's rows, as a view (validate(full=True) bounded them):
+            # what flatten() returns for a column without nulls, without a pyarrow.compute call.
+            flat = column.values.slice(column.offset * width, len(column) * width)
+            features = from_dlpack(flat).reshape(rows, *shape)
+            names = batch.schema.names
+            labels = _labels(batch, names, limits)
+            tasks = _column(batch, names, "task", RejectReason.TASK)
+            event_time = _column(batch, names, "event_time", RejectReason.SCHEMA)
+            if key is not None and (labels is not None or "label" not in names):  # no null anywhere
+                learned = _Layout.learn(
+                    value, body, shape, column.type.value_type, features, labels, tasks, event_time
+                )
     except _DECODE_ERRORS as exc:
         raise WireError(RejectReason.UNDECODABLE, f"{type(exc).__name__}: {exc}"[:300]) from exc
     finite = features.dtype != torch.float32 or bool(torch.isfinite(features).all())
     _ensure(finite, RejectReason.NON_FINITE, "features contain NaN or infinity")
-    return Decoded(features, labels, tasks, event_time, shape, marker, marker_task, batch.num_rows, nbytes)
+    if learned is not None and key is not None:  # only a message that passed everything
+        _remember(_LAYOUT_CACHE, key, learned)
+    return Decoded(features, labels, tasks, event_time, shape, marker, marker_task, rows, nbytes)
 
 
 def _read_headers(headers: Headers) -> tuple[str | None, Marker | None, int | None]:
@@ -206,19 +244,23 @@ def _read_headers(headers: Headers) -> tuple[str | None, Marker | None, int | No
     return header_version, markers[raw_marker], int(raw_task)
 
 
-def _read_stream(value: bytes, header_version: str | None, limits: WireLimits) -> tuple[pa.RecordBatch, Any]:
-    """Read the stream message by message; the batch's buffers stay views of ``value``."""
+def _read_stream(
+    value: bytes, header_version: str | None, limits: WireLimits
+) -> tuple[pa.RecordBatch, pa.FixedSizeListArray, tuple[int, ...], tuple[int, int]]:
+    """Read the stream message by message: the batch, its features column, their shape and where
+    the batch body lies in ``value``; the batch's buffers stay views of ``value``."""
     source = pa.BufferReader(pa.py_buffer(value))
     messages: Iterator[Any] = iter(pa.ipc.MessageReader.open_stream(source))
     first = next(messages, None)
     _ensure(first is not None and first.type == "schema", RejectReason.UNDECODABLE, "no schema message")
-    schema = pa.ipc.read_schema(first)
-    shape = _check_schema(schema, header_version, limits)
+    schema, shape = _schema(first, header_version, limits)
     message: Any = next(messages, None)
     _ensure(message is not None, RejectReason.EMPTY, "stream holds no record batch")
     _ensure(message.type == "record batch", RejectReason.SCHEMA, f"unexpected {message.type} message")
     # Decompression would allocate whatever the sender declares, far beyond the message size.
     _ensure(not _body_compressed(message.metadata), RejectReason.SCHEMA, "compressed body")
+    body_end = source.tell()
+    body = body_end - (message.body.size if message.body is not None else 0), body_end
     batch = pa.ipc.read_record_batch(message, schema)
     _ensure(batch.num_rows > 0, RejectReason.EMPTY, "record batch has zero rows")
     _ensure(batch.num_rows <= limits.max_records, RejectReason.TOO_LARGE, f"{batch.num_rows} records")
@@ -227,7 +269,131 @@ def _read_stream(value: bytes, header_version: str | None, limits: WireLimits) -
     _ensure(source.tell() == len(value), RejectReason.UNDECODABLE, "trailing bytes after end of stream")
     column = batch.column("features")
     _ensure(not column.null_count and not column.values.null_count, RejectReason.SCHEMA, "null features")
-    return batch, shape
+    return batch, column, shape, body
+
+
+def _schema(first: Any, header_version: str | None, limits: WireLimits) -> tuple[pa.Schema, tuple[int, ...]]:
+    """The checked schema of a schema message, from the cache when these exact bytes passed the
+    same check under the same limits before. ``read_schema`` reads only the message's flatbuffer
+    (which also fixes its body length), so equal bytes give an equal schema and equal outcome."""
+    meta = first.metadata.to_pybytes()
+    expected = None if limits.expected_shape is None else tuple(limits.expected_shape)
+    key = (meta, header_version, expected, limits.max_features)
+    cached = _SCHEMA_CACHE.get(key)
+    if cached is not None:
+        return cached
+    schema = pa.ipc.read_schema(first)
+    checked = schema, _check_schema(schema, header_version, limits)
+    if len(meta) <= _CACHE_KEY_BYTES:  # only schemas that passed: failures raised above
+        _remember(_SCHEMA_CACHE, key, checked)
+    return checked
+
+
+def _remember(cache: dict[Any, Any], key: Any, entry: Any) -> None:
+    with _CACHE_LOCK:
+        while len(cache) >= _CACHE_ENTRIES:
+            del cache[next(iter(cache))]  # the oldest entry
+        cache[key] = entry
+
+
+def _layout_key(value: bytes, header_version: str | None, limits: WireLimits) -> _LayoutKey | None:
+    """What a message's layout is cached under: its bytes up to the batch body (read as two
+    length-prefixed messages), its length and what the checks read besides; None when the
+    value does not start that way or that part is too long to be a key."""
+    if type(value) is not bytes or len(value) < 16 or not value.startswith(_CONTINUATION):
+        return None  # (another buffer type takes the full reader: keys must be immutable)
+    batch = 8 + int.from_bytes(value[4:8], "little", signed=True)
+    if not 8 <= batch <= len(value) - 8 or value[batch : batch + 4] != _CONTINUATION:
+        return None
+    body = batch + 8 + int.from_bytes(value[batch + 4 : batch + 8], "little", signed=True)
+    if not batch + 8 <= body <= min(len(value), _CACHE_KEY_BYTES):
+        return None
+    expected = None if limits.expected_shape is None else tuple(limits.expected_shape)
+    return value[:body], len(value), header_version, expected, limits.max_features, limits.max_records
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Where the columns of a message that passed every check lie in its bytes.
+
+    A message whose bytes before the batch body are identical to that message's (schema
+    message and batch header: columns, types, shape, row count, null counts, buffer offsets
+    and sizes, body length, compression), of the same length and with the same bytes after the
+    body, differs from it only inside the body. There Arrow reads nothing but column values:
+    the columns have fixed widths (no offsets), and a zero null count, which a layout requires
+    of every column, makes Arrow ignore any validity bitmap. So such a message passes every
+    check on its structure that the first one passed, and ``columns`` reads it as Arrow would
+    (``learn`` took the offsets from Arrow's own buffers), checking only its values.
+    """
+
+    tail: bytes  # what follows the body: the end-of-stream marker, or nothing
+    rows: int
+    shape: tuple[int, ...]
+    features_type: pa.DataType
+    features: int  # byte offsets of each column's values in the message; None: column absent
+    label: int | None
+    task: int | None
+    event_time: int | None
+
+    @staticmethod
+    def learn(
+        value: bytes,
+        body: tuple[int, int],
+        shape: tuple[int, ...],
+        features_type: pa.DataType,
+        features: torch.Tensor,
+        labels: npt.NDArray[Any] | None,
+        tasks: npt.NDArray[Any] | None,
+        event_time: npt.NDArray[Any] | None,
+    ) -> _Layout | None:
+        """The layout of a message just read in full, or None unless every column lies inside
+        the body of ``value`` (Arrow copies buffers it has to byte-swap or realign)."""
+        start, end = body
+        if len(value) - end > _TAIL_BYTES:
+            return None
+        base = pa.py_buffer(value).address
+        where = [
+            features.data_ptr() - base,
+            *(None if a is None else a.ctypes.data - base for a in (labels, tasks, event_time)),
+        ]
+        sizes = [
+            features.numel() * features.element_size(),
+            *(0 if a is None else a.nbytes for a in (labels, tasks, event_time)),
+        ]
+        if any(
+            at is not None and not start <= at <= at + size <= end
+            for at, size in zip(where, sizes, strict=True)
+        ):
+            return None
+        feature_at, label_at, task_at, time_at = where
+        assert feature_at is not None
+        return _Layout(
+            value[end:], len(features), shape, features_type, feature_at, label_at, task_at, time_at
+        )
+
+    def columns(self, value: bytes, limits: WireLimits) -> tuple[torch.Tensor, Any, Any, Any]:
+        """Features, labels, task ids and event times of ``value``, a message of this layout, as
+        views of it; labels and task ids are checked as ``_labels`` and ``_column`` do."""
+        n = self.rows
+        count = n * math.prod(self.shape)
+        size = count * self.features_type.bit_width // 8
+        flat = pa.Array.from_buffers(
+            self.features_type, count, [None, pa.py_buffer(value).slice(self.features, size)]
+        )
+        features = from_dlpack(flat).reshape(n, *self.shape)
+        if self.label is None:
+            _ensure(not limits.require_label, RejectReason.LABEL_MISSING, "record without a label")
+            labels = None
+        else:
+            labels = _label_range(np.frombuffer(value, np.int64, n, self.label), limits)
+        tasks = None
+        if self.task is not None:
+            tasks = np.frombuffer(value, np.int64, n, self.task)
+            _ensure(int(tasks.min()) >= 0, RejectReason.TASK, "task has negative ids")
+        event_time = (
+            None if self.event_time is None else np.frombuffer(value, "datetime64[ms]", n, self.event_time)
+        )
+        return features, labels, tasks, event_time
 
 
 def _body_compressed(meta: Any) -> bool:
@@ -270,25 +436,41 @@ def _check_schema(schema: pa.Schema, header_version: str | None, limits: WireLim
     return shape
 
 
-def _labels(batch: pa.RecordBatch, limits: WireLimits) -> npt.NDArray[np.int64] | None:
+def _labels(batch: pa.RecordBatch, names: list[str], limits: WireLimits) -> npt.NDArray[np.int64] | None:
     """All labels, or None for a request with any label absent; present ones are range-checked."""
-    column = batch.column("label") if "label" in batch.schema.names else None
+    column = batch.column("label") if "label" in names else None
     complete = column is not None and not column.null_count
     _ensure(complete or not limits.require_label, RejectReason.LABEL_MISSING, "record without a label")
     if column is None or column.null_count == len(column):
         return None
-    low, high = (bound.as_py() for bound in pc.min_max(column).values())
+    if complete:  # numpy on the zero-copy view is several times cheaper than pyarrow.compute
+        return _label_range(column.to_numpy(zero_copy_only=True), limits)
+    low, high = (bound.as_py() for bound in pc.min_max(column).values())  # the labels present
+    _check_label_range(low, high, limits)
+    return None
+
+
+def _label_range(labels: npt.NDArray[np.int64], limits: WireLimits) -> npt.NDArray[np.int64]:
+    """``labels`` once every one is a class id under ``limits``."""
+    # One pass for the common case: read as uint64, a negative label is >= 2**63.
+    limit = min(limits.num_classes_max or _NO_CLASS_LIMIT, _NO_CLASS_LIMIT)
+    if int(labels.view(np.uint64).max()) >= limit:
+        _check_label_range(int(labels.min()), int(labels.max()), limits)
+    return labels
+
+
+def _check_label_range(low: int, high: int, limits: WireLimits) -> None:
     _ensure(low >= 0, RejectReason.LABEL_NEGATIVE, f"label {low} < 0")
     in_range = limits.num_classes_max is None or high < limits.num_classes_max
     _ensure(in_range, RejectReason.LABEL_OUT_OF_RANGE, f"label {high} >= {limits.num_classes_max}")
-    return column.to_numpy(zero_copy_only=True) if complete else None
 
 
-def _column(batch: pa.RecordBatch, name: str, reason: RejectReason) -> Any:
+def _column(batch: pa.RecordBatch, names: list[str], name: str, reason: RejectReason) -> Any:
     """An optional column as a zero-copy numpy view; no nulls, and ids are never negative."""
-    if name not in batch.schema.names:
+    if name not in names:
         return None
     column = batch.column(name)
-    valid = not column.null_count and (column.type != pa.int64() or pc.min(column).as_py() >= 0)
-    _ensure(valid, reason, f"{name} has nulls or negative ids")
-    return column.to_numpy(zero_copy_only=True)
+    _ensure(not column.null_count, reason, f"{name} has nulls")
+    values = column.to_numpy(zero_copy_only=True)
+    _ensure(column.type != _INT64 or int(values.min()) >= 0, reason, f"{name} has negative ids")
+    return values

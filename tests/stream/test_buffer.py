@@ -209,3 +209,88 @@ def test_every_record_is_training_or_held_out_once(tmp_path_factory, sizes, limi
         assert train.tolist() == list(range(start))  # nothing evicted: stream order
     buf.clear()
     assert list(spill.iterdir()) == []
+
+
+def _offer_one_by_one(
+    reservoir: buffer._Reservoir, recs: buffer.Records, seed: int, task: int
+) -> tuple[np.ndarray, list[buffer.Records]]:
+    """The reservoir's replacement step as first written, one evicted row at a time: the reference
+    the gathered version must match row for row and in order."""
+    counts = np.arange(reservoir.seen + 1, reservoir.seen + len(recs) + 1, dtype=np.int64)
+    slots = (buffer._hash(seed, task, counts) % counts.astype(np.uint64)).astype(np.int64)
+    filling = counts <= reservoir.cap
+    slots[filling] = counts[filling] - 1
+    reservoir.seen += len(recs)
+    rows = reservoir._reserve(min(reservoir.seen, reservoir.cap), recs)
+    fill = np.flatnonzero(filling)
+    for f in buffer._FIELDS:
+        getattr(rows, f)[reservoir.n : reservoir.n + len(fill)] = getattr(recs, f)[fill]
+    reservoir.n += len(fill)
+    evicted = []
+    for row in np.flatnonzero(~filling & (slots < reservoir.cap)).tolist():
+        slot = int(slots[row])
+        evicted.append(rows.take([slot]))
+        for f in buffer._FIELDS:
+            getattr(rows, f)[slot] = getattr(recs, f)[row]
+    return np.flatnonzero(slots >= reservoir.cap), evicted
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=8),
+    cap=st.integers(0, 30),
+    seed=st.integers(0, 2**32),
+    subset=st.booleans(),
+)
+def test_reservoir_evicts_in_one_gather_exactly_as_one_row_at_a_time(sizes, cap, seed, subset) -> None:
+    ours, reference = buffer._Reservoir(cap), buffer._Reservoir(cap)
+    start = 0
+    for n in sizes:
+        x, y, ids = records(start, n)
+        recs = buffer.Records(x, y, np.full(n, 2, np.int32), ids)
+        start += n
+        if subset:  # some rows on offer, as TaskBuffer.add offers the ones it holds out
+            index = np.flatnonzero(np.random.default_rng([seed, n]).random(n) < 0.3)
+            passed, evicted = ours.offer(recs, seed, 5, index)
+            want_passed, want_evicted = _offer_one_by_one(reference, recs.take(index), seed, 5)
+        else:
+            passed, evicted = ours.offer(recs, seed, 5)
+            want_passed, want_evicted = _offer_one_by_one(reference, recs, seed, 5)
+        np.testing.assert_array_equal(passed, want_passed)
+        assert len(evicted) == (1 if want_evicted else 0)  # one chunk per call, not one per row
+        if want_evicted:
+            want = buffer.Records.concat(want_evicted)
+            for f in buffer._FIELDS:
+                np.testing.assert_array_equal(getattr(evicted[0], f), getattr(want, f))
+                assert getattr(evicted[0], f).dtype == getattr(want, f).dtype
+        assert (ours.seen, ours.n) == (reference.seen, reference.n)
+        for f in buffer._FIELDS:
+            np.testing.assert_array_equal(getattr(ours.sample(), f), getattr(reference.sample(), f))
+
+
+def test_reservoir_returns_a_slot_evicted_twice_in_one_call_in_order() -> None:
+    reservoir = buffer._Reservoir(2)
+    x, y, ids = records(0, 2000)
+    _, evicted = reservoir.offer(buffer.Records(x, y, np.zeros(2000, np.int32), ids), 0, 0)
+    (chunk,) = evicted
+    kept = reservoir.sample().ids.tolist()
+    # every record is kept, evicted or passed over; each evicted one was in the sample before
+    assert len(set(chunk.ids.tolist())) == len(chunk) and not set(kept) & set(chunk.ids.tolist())
+    assert len(chunk) > 2  # with 2 slots and 2000 offers, slots were replaced more than once
+    np.testing.assert_array_equal(chunk.features, records(0, 2000)[0][chunk.ids])
+
+
+def test_add_keeps_copies_so_callers_may_reuse_their_arrays() -> None:
+    buf = TaskBuffer(SHAPE, "uint8", holdout_fraction=0.5, holdout_max_per_task=5, seed=1)
+    buf.start_task(0)
+    scratch = np.empty((40, *SHAPE), np.uint8)
+    for start in (0, 40, 80):  # one reused array, as the ingest bench's sink does
+        x, y, ids = records(start, 40)
+        scratch[:] = x
+        buf.add(scratch, y, ids)
+        scratch[:] = 0
+    x, _, ids = read_back(buf)
+    held = buf.holdout(0)
+    assert sorted([*ids.tolist(), *held.ids.tolist()]) == list(range(120))
+    np.testing.assert_array_equal(x, records(0, 120)[0][ids])
+    np.testing.assert_array_equal(held.features, records(0, 120)[0][held.ids])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from spacenet.stream import wire
-from spacenet.stream.ingest_bench import IngestSink, PlainSink, main
+from spacenet.stream.config import ServiceConfig
+from spacenet.stream.ingest_bench import CONSUMER_CONFIG, IngestSink, PlainSink, _parser, main
 
 
 def fake_record(offset: int, value: bytes, headers: list[tuple[str, bytes]]) -> SimpleNamespace:
@@ -67,10 +68,22 @@ def test_ingest_bench_harness_writes_both_rates(
         assert stats["records_per_s"] > 0 and stats["mb_per_s"] > 0 and stats["median_seconds"] > 0
         assert len(stats["runs"]) == 1 and stats["runs"][0]["records"] == 2000
         assert stats["runs"][0]["messages"] == report["messages"]
-    assert report["ratio"] > 0 and report["target_ratio"] == 0.8
+    assert report["ratio"] > 0 and report["target_ratio"] == 0.8 and report["cpu_ratio"] > 0
     assert isinstance(report["meets_target"], bool)
-    assert report["consumer_config"]["max_poll_records"] > 0
+    assert report["consumer_config"] == CONSUMER_CONFIG and report["consumer_config"]["check_crcs"] is True
     assert report["process_peak_rss_bytes"] > 0
+    for path in ("plain", "ours"):
+        assert report[path]["median_cpu_seconds"] > 0 and report[path]["runs"][0]["cpu_seconds"] > 0
+    assert "record CRCs checked in both loops" in printed
+
+
+def test_both_loops_consume_as_the_service_does_crc_checks_included() -> None:
+    service = ServiceConfig()
+    assert CONSUMER_CONFIG["max_poll_records"] == service.max_poll_records
+    assert CONSUMER_CONFIG["max_partition_fetch_bytes"] >= service.max_message_bytes
+    assert CONSUMER_CONFIG["enable_auto_commit"] is False and CONSUMER_CONFIG["check_crcs"] is True
+    assert _parser().parse_args([]).check_crcs is True
+    assert _parser().parse_args(["--no-check-crcs"]).check_crcs is False
 
 
 def test_ingest_bench_refuses_an_existing_topic_and_an_unreachable_broker(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import struct
 import subprocess
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,8 +20,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from spacenet.stream import wire
 from spacenet.stream.wire import (
     EVENT_TIME_TYPE,
+    SCHEMA_VERSION,
     Decoded,
     Marker,
     RejectReason,
@@ -415,3 +421,312 @@ def test_compressed_bomb_is_rejected_without_inflating() -> None:
     reason, peak_decode, peak_plain = run.stdout.decode().split()
     assert reason == "schema"
     assert int(peak_decode) < 1 << 20 <= zeros.nbytes <= int(peak_plain)
+
+
+# ---------------------------------------------------------------- caches of checked schemas and layouts
+
+
+@pytest.fixture
+def caches(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """Empty schema and layout caches for this test (the module's own come back afterwards)."""
+    fresh = SimpleNamespace(schema={}, layout={})
+    monkeypatch.setattr(wire, "_SCHEMA_CACHE", fresh.schema)
+    monkeypatch.setattr(wire, "_LAYOUT_CACHE", fresh.layout)
+    return fresh
+
+
+class _NoCache(dict[Any, Any]):
+    """A cache that never keeps anything: decode then reads every message in full."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def _uncached() -> Iterator[None]:
+    saved = wire._SCHEMA_CACHE, wire._LAYOUT_CACHE
+    wire._SCHEMA_CACHE, wire._LAYOUT_CACHE = _NoCache(), _NoCache()
+    try:
+        yield
+    finally:
+        wire._SCHEMA_CACHE, wire._LAYOUT_CACHE = saved
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:
+    calls = [0]
+    original = getattr(owner, name)
+
+    def counting(*args: Any) -> Any:
+        calls[0] += 1
+        return original(*args)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
+def _outcome(value: bytes, headers: Any = HEADERS, limits: WireLimits = LIMITS) -> Any:
+    """What decode makes of a message, comparable across calls: the reason, or the content."""
+    try:
+        msg = decode(value, headers, limits)
+    except WireError as error:
+        return error.reason
+    arrays = (msg.labels, msg.tasks, msg.event_time)
+    return (
+        msg.features.dtype,
+        msg.features.numpy().tobytes(),
+        *(None if a is None else (a.dtype, a.tobytes(), a.flags.writeable) for a in arrays),
+        msg.shape,
+        msg.marker,
+        msg.marker_task,
+        msg.num_records,
+        msg.nbytes,
+    )
+
+
+def test_a_producers_schema_and_layout_are_read_once(
+    caches: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schemas = _count_calls(monkeypatch, pa.ipc, "read_schema")
+    streams = _count_calls(monkeypatch, wire, "_read_stream")  # the full reader
+    limits = WireLimits(expected_shape=(1, 4, 4), num_classes_max=11)
+    rng = np.random.default_rng(0)
+    for i in range(5):  # new values each time, same layout
+        features = rng.integers(0, 256, (7, 1, 4, 4), dtype=np.uint8)
+        msg = decode(encode(features, np.arange(7) + i), HEADERS, limits)
+        assert torch.equal(msg.features, torch.from_numpy(features))
+        assert msg.labels is not None and msg.labels.tolist() == list(range(i, i + 7))
+    assert (schemas[0], streams[0]) == (1, 1) and len(caches.schema) == len(caches.layout) == 1
+    for n in (1, 3):  # another record count: another layout, the same schema
+        assert decode(_valid(n=n), HEADERS, limits).num_records == n
+    assert (schemas[0], streams[0]) == (1, 3) and len(caches.schema) == 1 and len(caches.layout) == 3
+
+
+def test_a_cached_schema_lets_no_other_schema_shape_version_or_limits_through(
+    caches: SimpleNamespace,
+) -> None:
+    strict = WireLimits(expected_shape=(2, 2), num_classes_max=10)
+    assert decode(_crafted(), HEADERS, strict).num_records == 2  # now cached
+    assert len(caches.schema) == len(caches.layout) == 1
+    # Other schema bytes are checked afresh, whatever is cached.
+    assert _reason(_crafted(meta=_meta(shape=b"4")), limits=strict) is R.SHAPE
+    assert _reason(_crafted(meta=_meta(shape=b"1,4")), limits=strict) is R.SHAPE
+    assert _reason(_crafted(meta=_meta(schema_version=b"2")), limits=strict) is R.SCHEMA_VERSION
+    int16 = pa.array([[1, 2, 3, 4], [5, 6, 7, 8]], pa.list_(pa.int16(), 4))
+    assert _reason(_crafted(features=int16), limits=strict) is R.DTYPE
+    assert _reason(_crafted(label=pa.array([0, 1], pa.int32())), limits=strict) is R.DTYPE
+    assert _reason(_crafted(extra=pa.array([1, 2])), limits=strict) is R.SCHEMA
+    # The same bytes under other limits are checked against those limits.
+    assert _reason(_crafted(), limits=WireLimits(expected_shape=(4,))) is R.SHAPE
+    assert _reason(_crafted(), limits=WireLimits(expected_shape=(2, 2), max_features=3)) is R.TOO_LARGE
+    assert _reason(_crafted(), limits=WireLimits(expected_shape=(2, 2), max_records=1)) is R.TOO_LARGE
+    assert _reason(_crafted(), limits=WireLimits(max_message_bytes=100)) is R.TOO_LARGE
+    assert _reason(_crafted(), limits=WireLimits(num_classes_max=1)) is R.LABEL_OUT_OF_RANGE
+    assert _reason(_crafted(), [("spacenet-schema-version", b"2")], strict) is R.SCHEMA_VERSION
+    # A schema that passed only thanks to the version header does not pass without it.
+    unversioned = _crafted(meta={b"spacenet.shape": b"2,2"})
+    assert decode(unversioned, HEADERS, strict).num_records == 2
+    assert _reason(unversioned, [], strict) is R.SCHEMA_VERSION
+    assert _reason(unversioned, None, strict) is R.SCHEMA_VERSION
+    # Nothing that failed was cached: of the schemas, those that passed the schema checks (one
+    # under other limits), of the layouts, those of the two messages that passed everything.
+    assert len(caches.schema) == 3 and len(caches.layout) == 2
+    # A cached layout does not vouch for the values: they are still checked.
+    assert _reason(_crafted(label=pa.array([1, 10], pa.int64())), limits=strict) is R.LABEL_OUT_OF_RANGE
+    assert _reason(_crafted(label=pa.array([-1, 1], pa.int64())), limits=strict) is R.LABEL_NEGATIVE
+    assert _reason(_crafted(label=pa.array([1, None], pa.int64())), limits=strict) is R.LABEL_MISSING
+    value = _crafted()
+    assert _reason(value + b"tail", limits=strict) is R.UNDECODABLE
+    assert _reason(value[:-20], limits=strict) is R.UNDECODABLE
+    assert _reason(value[:-8] + b"\xff\xff\xff\xff\x01\x00\x00\x00", limits=strict) is R.UNDECODABLE
+    # Same bytes up to the body and the same end, but a body of another length.
+    assert _reason(value[:-8] + bytes(8) + value[-8:], limits=strict) is R.UNDECODABLE
+    shorter = value[:-16] + value[-8:]  # the end-of-stream marker becomes the end of the body
+    with _uncached():
+        expected = _outcome(shorter, limits=strict)
+    assert _outcome(shorter, limits=strict) == expected == R.LABEL_OUT_OF_RANGE
+
+
+def test_a_cached_layout_still_checks_every_value(caches: SimpleNamespace) -> None:
+    def message(label: int = 1, task: int = 0, feature: float = 2.0) -> bytes:
+        return _crafted(
+            features=pa.array([[0.0, 1.0, feature, 3.0]] * 2, pa.list_(pa.float32(), 4)),
+            label=pa.array([0, label], pa.int64()),
+            task=pa.array([task, 1], pa.int64()),
+            event_time=pa.array([5, 6], EVENT_TIME_TYPE),
+        )
+
+    limits = WireLimits(num_classes_max=10)
+    first = decode(message(), HEADERS, limits)
+    assert first.tasks is not None and first.event_time is not None and len(caches.layout) == 1
+    again = decode(message(label=9, task=7, feature=-1.5), HEADERS, limits)  # the cached layout
+    assert again.labels is not None and again.labels.tolist() == [0, 9]
+    assert again.tasks is not None and again.tasks.tolist() == [7, 1]
+    assert again.event_time is not None and again.event_time.tolist() == first.event_time.tolist()
+    assert again.features[0].tolist() == [[0.0, 1.0], [-1.5, 3.0]]
+    assert _reason(message(label=10), limits=limits) is R.LABEL_OUT_OF_RANGE
+    assert _reason(message(label=-1), limits=limits) is R.LABEL_NEGATIVE
+    assert _reason(message(task=-1), limits=limits) is R.TASK
+    assert _reason(message(feature=float("nan")), limits=limits) is R.NON_FINITE
+    assert _reason(message(feature=float("inf")), limits=limits) is R.NON_FINITE
+    assert len(caches.layout) == 1
+
+
+def test_a_layout_without_labels_serves_requests_only(caches: SimpleNamespace) -> None:
+    requests = WireLimits(require_label=False)
+    assert decode(_crafted(label=None), HEADERS, requests).labels is None
+    assert len(caches.layout) == 1
+    assert decode(_crafted(label=None), HEADERS, requests).labels is None
+    assert _reason(_crafted(label=None)) is R.LABEL_MISSING  # training limits, the same layout
+
+
+def test_messages_with_nulls_or_in_other_buffers_are_never_layouts(caches: SimpleNamespace) -> None:
+    requests = WireLimits(require_label=False)
+    partial = _crafted(label=pa.array([None, 3], pa.int64()))
+    assert decode(partial, HEADERS, requests).labels is None
+    assert decode(_crafted(label=pa.array([None, None], pa.int64())), HEADERS, requests).labels is None
+    assert caches.layout == {}  # a null count above zero: Arrow reads the validity bitmap
+    assert _reason(_crafted(label=pa.array([None, -1], pa.int64())), limits=requests) is R.LABEL_NEGATIVE
+    value = _crafted()
+    for other in (bytearray(value), memoryview(value)):  # decoded in full, never cached
+        assert decode(other, HEADERS, LIMITS).num_records == 2  # type: ignore[arg-type]
+    assert caches.layout == {}
+    schemas = len(caches.schema)
+    padded = _crafted(meta={**META, b"padding": b"x" * wire._CACHE_KEY_BYTES})
+    assert decode(padded, HEADERS, LIMITS).num_records == 2
+    assert caches.layout == {} and len(caches.schema) == schemas  # too long to be a key
+
+
+def test_decoded_views_of_a_cached_layout_share_memory_warn_nothing_and_keep_the_message_alive(
+    caches: SimpleNamespace,
+) -> None:
+    decode(_valid(np.float32, tasks=1, event_time=np.array([0, 1, 2])), HEADERS, LIMITS)
+    value = _valid(np.float32, tasks=2, event_time=np.array([3, 4, 5]))
+    whole = np.frombuffer(value, np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        msg = decode(value, HEADERS, LIMITS)
+    assert len(caches.layout) == 1 and np.shares_memory(msg.features.numpy(), whole)
+    for array in (msg.labels, msg.tasks, msg.event_time):
+        assert array is not None and np.shares_memory(array, whole) and not array.flags.writeable
+    features = np.arange(3 * 16, dtype=np.uint8).reshape(3, 1, 4, 4)
+    decode(encode(features[::-1].copy(), np.zeros(3)), HEADERS, LIMITS)
+    kept = decode(encode(features, np.zeros(3)), HEADERS, LIMITS)  # the layout; nothing else holds the bytes
+    gc.collect()
+    _ = [bytes(1000) for _ in range(1000)]  # reuse any freed memory
+    assert torch.equal(kept.features, torch.from_numpy(features))
+
+
+@pytest.mark.parametrize("value", [*VALID, _valid(tasks=3), _crafted(label=None)])
+def test_a_cached_layout_decodes_exactly_as_the_full_reader(value: bytes) -> None:
+    for limits in (LIMITS, WireLimits(require_label=False), WireLimits(num_classes_max=2)):
+        with _uncached():
+            expected = _outcome(value, limits=limits)
+        decode(value, HEADERS, WireLimits(require_label=False))  # learn the layout, if any
+        assert _outcome(value, limits=limits) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(VALID), st.data())
+def test_corrupting_a_cached_layouts_message_gives_what_the_full_reader_gives(
+    value: bytes, data: st.DataObject
+) -> None:
+    decode(value, HEADERS, LIMITS)  # its layout is cached now
+    key = wire._layout_key(value, SCHEMA_VERSION, LIMITS)
+    assert key is not None
+    body = st.integers(len(key[0]), len(value) - 9)  # where a message keeps its layout
+    corrupted = bytearray(value)
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.one_of(body, body, body, st.integers(0, len(value) - 1)))
+        corrupted[at] = data.draw(st.integers(0, 255))
+    limits = data.draw(
+        st.sampled_from([LIMITS, WireLimits(num_classes_max=5), WireLimits(require_label=False)])
+    )
+    with _uncached():
+        expected = _outcome(bytes(corrupted), limits=limits)
+    assert _outcome(bytes(corrupted), limits=limits) == expected
+
+
+def test_the_caches_stay_bounded(caches: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = _count_calls(monkeypatch, pa.ipc, "read_schema")
+    entries = wire._CACHE_ENTRIES
+    values = [_valid(shape=(k,), n=2) for k in range(1, 3 * entries + 1)]  # as many distinct schemas
+    for k, value in enumerate(values, 1):
+        assert decode(value, HEADERS, LIMITS).shape == (k,)
+        assert len(caches.schema) <= entries and len(caches.layout) <= entries
+    assert len(caches.schema) == len(caches.layout) == entries and parsed[0] == len(values)
+    assert decode(values[-1], HEADERS, LIMITS).shape == (len(values),)  # the newest stay: a hit
+    assert parsed[0] == len(values)
+    assert decode(values[0], HEADERS, LIMITS).shape == (1,)  # the oldest went: parsed again
+    assert parsed[0] == len(values) + 1 and len(caches.schema) == len(caches.layout) == entries
+
+
+def test_a_schema_with_huge_metadata_is_checked_but_never_cached(caches: SimpleNamespace) -> None:
+    padded = _crafted(meta={**META, b"padding": b"x" * (wire._CACHE_KEY_BYTES + 1)})
+    assert decode(padded, HEADERS, LIMITS).num_records == 2
+    assert caches.schema == {} and caches.layout == {}
+    assert decode(_crafted(), HEADERS, LIMITS).num_records == 2 and len(caches.schema) == 1
+
+
+def test_expected_shape_given_as_a_list_keys_the_caches_like_a_tuple(caches: SimpleNamespace) -> None:
+    listed = WireLimits(expected_shape=[2, 2])  # type: ignore[arg-type]
+    assert decode(_crafted(), HEADERS, listed).shape == (2, 2)
+    assert decode(_crafted(), HEADERS, WireLimits(expected_shape=(2, 2))).shape == (2, 2)
+    assert len(caches.schema) == len(caches.layout) == 1
+
+
+def test_the_caches_under_threads(caches: SimpleNamespace) -> None:
+    entries = wire._CACHE_ENTRIES
+    values = [_valid(shape=(k,), n=1) for k in range(1, 2 * entries + 1)]
+    errors: list[BaseException] = []
+
+    def work(offset: int) -> None:
+        try:
+            for i in range(400):
+                k = (i * 7 + offset) % len(values)
+                assert decode(values[k], HEADERS, LIMITS).shape == (k + 1,)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(caches.schema) <= entries and len(caches.layout) <= entries
+
+
+def test_features_need_not_be_the_first_column() -> None:
+    batch = pa.record_batch(
+        {
+            "label": pa.array([3, 4], pa.int64()),
+            "features": pa.array([[1, 2, 3, 4], [5, 6, 7, 8]], FEATURES_TYPE),
+        },
+        metadata=META,
+    )
+    msg = decode(_ipc(batch), HEADERS, LIMITS)
+    assert msg.features.tolist() == [[[1, 2], [3, 4]], [[5, 6], [7, 8]]] and msg.labels is not None
+    assert msg.labels.tolist() == [3, 4]
+
+
+@pytest.mark.parametrize(
+    ("labels", "num_classes_max", "reason"),
+    [
+        ([0, 9], 10, None),
+        ([0, 10], 10, R.LABEL_OUT_OF_RANGE),
+        ([-1, 3], 10, R.LABEL_NEGATIVE),
+        ([-1, 30], 10, R.LABEL_NEGATIVE),  # the first failing check names the reason
+        ([-(2**63), 3], None, R.LABEL_NEGATIVE),
+        ([-1, 3], 2**70, R.LABEL_NEGATIVE),  # a class limit beyond int64 lets no negative through
+        ([2**63 - 1, 0], None, None),
+        ([2**63 - 1, 0], 2**63, None),
+        ([2**63 - 1, 0], 2**63 - 1, R.LABEL_OUT_OF_RANGE),
+    ],
+)
+def test_label_range_at_the_edges(labels: list[int], num_classes_max: int | None, reason: Any) -> None:
+    value = _crafted(label=pa.array(labels, pa.int64()))
+    limits = WireLimits(num_classes_max=num_classes_max)
+    if reason is None:
+        msg = decode(value, HEADERS, limits)
+        assert msg.labels is not None and msg.labels.tolist() == labels
+    else:
+        assert _reason(value, limits=limits) is reason
