@@ -38,11 +38,12 @@ class ServiceConfig:
     dead_letter_topic: str = ""  # default: <topic>.dlq
     poll_timeout_ms: int = 500
     max_poll_records: int = 500
+    session_timeout_ms: int = 45_000  # a dead member's partitions move after this long
     # State and endpoints
     state_dir: str = "./spacenet-state"
     keep_checkpoints: int = 3
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = 0  # 0: no metrics/health server
+    metrics_port: int = 9109  # 0: any free port; -1: no metrics/health server
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Model and input
     input_shape: tuple[int, ...] = (1, 28, 28)

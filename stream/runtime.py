@@ -77,6 +77,7 @@ class Runtime:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=cfg.max_poll_records,
+            session_timeout_ms=cfg.session_timeout_ms,
             fetch_max_bytes=64 << 20,
             max_partition_fetch_bytes=max(cfg.max_message_bytes, 1 << 20),
         )
@@ -98,6 +99,7 @@ class Runtime:
             cfg.requests_topic,
             **client,
             group_id=f"{cfg.group}.predict",
+            session_timeout_ms=cfg.session_timeout_ms,
             auto_offset_reset="earliest",
             enable_auto_commit=True,
         )

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from spacenet.stream.config import ServiceConfig
 
@@ -33,7 +33,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--group", help="consumer group")
     p.add_argument("--state-dir", dest="state_dir", help="checkpoints and spill files")
     p.add_argument(
-        "--metrics-port", dest="metrics_port", type=int, help="/metrics, /healthz, /readyz (0: off)"
+        "--metrics-port",
+        dest="metrics_port",
+        type=int,
+        help="/metrics, /healthz, /readyz (default 9109; 0: any free port; -1: off)",
     )
     p.add_argument("--metrics-host", dest="metrics_host", help="bind address (default 127.0.0.1)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -67,7 +70,11 @@ def main(argv: Sequence[str]) -> int:
         return 2
     from spacenet.stream.runtime import Runtime
 
-    runtime = Runtime(cfg, CollectorRegistry())
+    registry = CollectorRegistry()
+    # The process's own series (memory, CPU, open files; Python and GC), on the same registry.
+    for collector in (ProcessCollector, PlatformCollector, GCCollector):
+        collector(registry=registry)
+    runtime = Runtime(cfg, registry)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

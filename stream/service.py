@@ -156,6 +156,11 @@ class Service:
             self.tm.lag(self.consumer, self.positions_)
             self.m.batch()
             if not self._backlog:
+                if not self.consumer.assignment():
+                    # Owning no partition (starting, rebalancing, waiting for a dead member's
+                    # session to expire) is not an idle stream: no timeout may close a task.
+                    self.detector.restart_clock(time.monotonic())
+                    return
                 self._gen = self._events(self.detector.tick(time.monotonic()))
                 return
         self._gen = self._handle(self._backlog.popleft())
