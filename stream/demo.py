@@ -6,7 +6,8 @@ the service finds the task boundaries itself), waits until every task is learned
 then sends the MNIST test set as prediction requests and scores the replies: the
 class-incremental accuracy of the live service. Prints the accuracy matrix on the
 held-out samples, the test accuracy per task and free capacity, writes a JSON
-summary, and stops everything.
+summary and the service's final ``/metrics`` scrape (``metrics.prom``), and stops
+everything.
 
     $ spacenet demo                       # full split MNIST (a few minutes on 2 CPU cores)
     $ spacenet demo --limit-per-class 500 --epochs 2     # a quick look
@@ -18,10 +19,12 @@ import argparse
 import importlib.util
 import json
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,7 +61,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--limit-per-class", type=int, default=None, help="train records per class (default: all)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--markers", action="store_true", help="send explicit task markers")
-    p.add_argument("--metrics-port", type=int, default=0)
+    p.add_argument("--metrics-port", type=int, default=0, help="the service's /metrics (0: a free port)")
     p.add_argument("--out", default="runs/demo", help="folder for summary.json and logs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -104,6 +107,7 @@ def run(args: argparse.Namespace, bootstrap: str, work: Path, out: Path) -> int:
     topics = [topic, f"{topic}.requests", f"{topic}.predictions", f"{topic}.models", f"{topic}.dlq"]
     ensure_topics(settings, topics)
     models = KafkaConsumer(f"{topic}.models", auto_offset_reset="earliest", **settings.client_kwargs())
+    metrics_port = args.metrics_port or free_port()
     serve_log = open(out / "serve.log", "w")  # noqa: SIM115 - lives as long as the child
     cmd = [
         sys.executable,
@@ -119,7 +123,7 @@ def run(args: argparse.Namespace, bootstrap: str, work: Path, out: Path) -> int:
         "--state-dir",
         str(work / "state"),
         "--metrics-port",
-        str(args.metrics_port),
+        str(metrics_port),
         "--set",
         f"epochs={args.epochs}",
         "--set",
@@ -153,6 +157,12 @@ def run(args: argparse.Namespace, bootstrap: str, work: Path, out: Path) -> int:
         xt, yt, _ = load_dataset(name, train=False)
         test = score_predictions(settings, producer, topic, xt, yt, expected, args.seed)
         rss = peak_rss(service.pid)
+        exposition = scrape(metrics_port)
+        (out / "metrics.prom").write_text(exposition)
+        series = sum(1 for line in exposition.splitlines() if line.startswith("spacenet_"))
+        print(
+            f"[demo] {series} spacenet_* series on :{metrics_port}/metrics, saved to {out / 'metrics.prom'}"
+        )
         report = {
             "topic": topic,
             "expected_tasks": expected,
@@ -256,6 +266,19 @@ def score_predictions(
         "seconds": seconds,
         "requests_per_s": len(t) / seconds,
     }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> str:
+    """The service's ``/metrics`` exposition text (never through a proxy)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return str(resp.read().decode())
 
 
 def peak_rss(pid: int) -> int | None:

@@ -123,7 +123,9 @@ class Learner:
 
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else pick_device(cfg.device)
-        self.model = build_model(cfg).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # initial weights from cfg.seed, not the global RNG
+            torch.manual_seed(cfg.seed)
+            self.model = build_model(cfg).to(self.device)
         self.plugin = SpaceNetPlugin(
             n_select=cfg.n_select,
             n_reserve=cfg.n_reserve,
