@@ -13,6 +13,11 @@ From Python (the test fixture and ``spacenet demo`` do this):
     >>> broker.start()                      # doctest: +SKIP
     '127.0.0.1:40123'
     >>> broker.stop()                       # doctest: +SKIP
+    >>> broker.start(keep_data=True)        # doctest: +SKIP
+    '127.0.0.1:40123'
+
+``start(keep_data=True)`` restarts a stopped broker on the same ports with its topics,
+messages and committed offsets (for tests of a broker restart under a running client).
 
 The jars are cached under ``$SPACENET_CACHE`` (default ``~/.cache/spacenet-stream``)
 in ``kafka-<version>/libs``; once cached, starting needs no network.
@@ -213,18 +218,55 @@ class LocalKafka:
             return None
         return pid
 
-    def start(self) -> str:
-        """Format a fresh KRaft log dir, start the broker, wait until it serves."""
+    def start(self, keep_data: bool = False) -> str:
+        """Format a fresh KRaft log dir, start the broker, wait until it serves.
+
+        ``keep_data=True`` restarts a broker stopped earlier from this ``run_dir``: its
+        data dir (topics, messages, committed offsets) is kept, and it listens on the
+        same ports as before (clients reconnect to the address they know). Without an
+        earlier start it raises ``KafkaError``.
+        """
         if self.running_pid() is not None:
             raise KafkaError(f"a broker from {self.run_dir} is already running (pid {self.running_pid()})")
+        if keep_data and not (self.run_dir / "data" / "meta.properties").is_file():
+            raise KafkaError(f"no formatted data dir under {self.run_dir} to keep: start it fresh first")
         port = self.port or free_port()
         cport = self.controller_port or free_port()
         for p in {port, cport}:
             if not port_is_free(p):
                 raise KafkaError(f"port {p} on 127.0.0.1 is already in use; choose another")
         libs = fetch_jars(self.version)
-        shutil.rmtree(self.run_dir / "data", ignore_errors=True)
         cfg = self._write_config(port, cport)
+        if not keep_data:
+            self._format(libs, cfg)
+        # Readiness is judged from log lines written by this start, not by an earlier one.
+        log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
+        with open(self.run_dir / "logs" / "stdout.log", "ab") as out:
+            proc = subprocess.Popen(
+                self._java(libs, "kafka.Kafka", str(cfg)),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.pid_file.write_text(f"{proc.pid}\n")
+        bootstrap = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise KafkaError(f"the broker exited with code {proc.returncode}:\n{self._log_tail()}")
+            if self._ready(port, log_start):
+                self.port, self.controller_port = port, cport
+                self.bootstrap_file.write_text(bootstrap + "\n")
+                return bootstrap
+            time.sleep(0.2)
+        self.stop()
+        raise KafkaError(f"the broker was not ready within {self.start_timeout_s:.0f}s:\n{self._log_tail()}")
+
+    def _format(self, libs: Path, cfg: Path) -> None:
+        """A fresh, empty KRaft log dir with a new cluster id."""
+        shutil.rmtree(self.run_dir / "data", ignore_errors=True)
         fmt = subprocess.run(
             self._java(
                 libs,
@@ -241,30 +283,8 @@ class LocalKafka:
         )
         if fmt.returncode != 0:
             raise KafkaError(f"formatting the KRaft log dir failed:\n{fmt.stdout}{fmt.stderr}")
-        with open(self.run_dir / "logs" / "stdout.log", "ab") as out:
-            proc = subprocess.Popen(
-                self._java(libs, "kafka.Kafka", str(cfg)),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.pid_file.write_text(f"{proc.pid}\n")
-        bootstrap = f"127.0.0.1:{port}"
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self.pid_file.unlink(missing_ok=True)
-                raise KafkaError(f"the broker exited with code {proc.returncode}:\n{self._log_tail()}")
-            if self._ready(port):
-                self.port, self.controller_port = port, cport
-                self.bootstrap_file.write_text(bootstrap + "\n")
-                return bootstrap
-            time.sleep(0.2)
-        self.stop()
-        raise KafkaError(f"the broker was not ready within {self.start_timeout_s:.0f}s:\n{self._log_tail()}")
 
-    def _ready(self, port: int) -> bool:
+    def _ready(self, port: int, log_start: int = 0) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 pass
@@ -273,7 +293,9 @@ class LocalKafka:
         # The port opens when the socket server starts; the log line says the
         # broker has finished starting (metadata loaded, listeners enabled).
         try:
-            return "Kafka Server started" in self.log_file.read_text(errors="replace")
+            with open(self.log_file, "rb") as f:
+                f.seek(log_start)
+                return b"Kafka Server started" in f.read()
         except OSError:
             return False
 
@@ -337,12 +359,16 @@ def main(argv: list[str] | None = None) -> int:
         if name == "start":
             p.add_argument("--port", type=int, default=None)
             p.add_argument("--controller-port", type=int, default=None)
+            p.add_argument(
+                "--keep-data", action="store_true", help="restart on the kept data dir (same ports needed)"
+            )
     args = parser.parse_args(argv)
     try:
         if args.cmd == "fetch":
             print(fetch_jars())
         elif args.cmd == "start":
-            print(LocalKafka(args.dir, args.port, args.controller_port).start())
+            broker = LocalKafka(args.dir, args.port, args.controller_port)
+            print(broker.start(keep_data=args.keep_data))
         elif args.cmd == "stop":
             LocalKafka(args.dir).stop()
         else:

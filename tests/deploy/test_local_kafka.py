@@ -88,3 +88,47 @@ def test_start_on_a_busy_port_fails_fast_and_starts_nothing(tmp_path: Path, whic
         assert time.monotonic() - before < 5.0
     assert broker.running_pid() is None
     assert _processes_mentioning(str(run_dir)) == []
+
+
+@pytest.mark.timeout(300)
+def test_restart_with_kept_data_serves_the_same_topic_on_the_same_port(tmp_path: Path) -> None:
+    """``start(keep_data=True)`` after ``stop()``: same address, the messages and the
+    group's committed offset survive, and readiness is judged on the new start's log."""
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    run_dir = tmp_path / "broker"
+    broker = LocalKafka(run_dir)
+    with pytest.raises(KafkaError, match="no formatted data dir"):
+        broker.start(keep_data=True)
+    tp = TopicPartition("kept", 0)
+    try:
+        bootstrap = broker.start()
+        producer = KafkaProducer(bootstrap_servers=bootstrap)
+        for i in range(3):
+            producer.send("kept", value=f"m{i}".encode(), partition=0).get(timeout=60)
+        producer.close()
+        group = KafkaConsumer(bootstrap_servers=bootstrap, group_id="g", enable_auto_commit=False)
+        group.assign([tp])
+        group.commit({tp: OffsetAndMetadata(2, "", -1)})
+        group.close(autocommit=False)
+        broker.stop()
+        assert broker.running_pid() is None
+
+        started = time.monotonic()
+        assert broker.start(keep_data=True) == bootstrap
+        print(f"broker restarted in {time.monotonic() - started:.1f}s")
+        reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id="g", enable_auto_commit=False)
+        reader.assign([tp])
+        assert reader.committed(tp) == 2
+        reader.seek_to_beginning(tp)
+        values: list[bytes] = []
+        deadline = time.monotonic() + 60
+        while len(values) < 3 and time.monotonic() < deadline:
+            values += [m.value for batch in reader.poll(timeout_ms=500).values() for m in batch]
+        reader.close(autocommit=False)
+        assert values == [b"m0", b"m1", b"m2"]
+    finally:
+        if broker.running_pid() is not None:
+            broker.stop()
+    assert _processes_mentioning(str(run_dir)) == []
