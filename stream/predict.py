@@ -32,6 +32,7 @@ from spacenet.stream.learner import Predictor
 log = logging.getLogger(__name__)
 MODEL_VERSION_HEADER = "spacenet-model-version"
 REQUEST_HEADER = "spacenet-request"
+RETRY_S = 1.0  # wait after a failed poll (broker unreachable) before the next
 
 
 def encode_reply(
@@ -95,9 +96,18 @@ class PredictionWorker:
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        from kafka.errors import KafkaError
+
         try:
             while not self.stop_.is_set():
-                polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+                try:
+                    polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+                except KafkaError as e:
+                    # The broker is away (restarting, unreachable): the client reconnects on
+                    # the next poll; giving up here would end prediction serving for good.
+                    log.warning("prediction consumer: %s; polling again in %.0f s", e, RETRY_S)
+                    self.stop_.wait(RETRY_S)
+                    continue
                 for messages in polled.values():
                     for msg in messages:
                         self.handle(msg)

@@ -43,6 +43,11 @@ class Runtime:
             self.service.stop_.set()
             self.service.learner.stop_.set()
 
+    def _healthy(self) -> bool:
+        """The training loop runs and the prediction worker has not failed (``/healthz``)."""
+        service_ok = self.service is None or self.service.healthy
+        return service_ok and (self.predictions is None or self.predictions.error_ is None)
+
     def run(self) -> int:
         from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 
@@ -61,7 +66,7 @@ class Runtime:
             cfg.metrics_host,
             cfg.metrics_port,
             ready=lambda: self.service.ready if self.service else (False, "starting"),
-            health=lambda: self.service is None or self.service.healthy,
+            health=self._healthy,
         )
         ensure_topics(
             self.kafka,

@@ -6,7 +6,9 @@ routed: training records into the task buffer, pending ones aside, late ones int
 their task's held-out sample. When a task closes, its partitions are paused and a
 worker thread trains it while this thread keeps polling (so the group membership
 holds); then every task's held-out sample is scored, a checkpoint is written, the
-offsets it covers are committed, and the new model version is published.
+new model version is published (flushed to the models topic) and the offsets the
+checkpoint covers are committed. A restart that finds the checkpoint's offsets not
+committed announces its model again: announcements are at least once, keyed by version.
 
 Exactly-once learning: a checkpoint holds the model, the detector, the held-out
 samples, and every record observed but not yet learned (the open task's records and
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from kafka.errors import KafkaError
 
 from spacenet.strategy.capacity import CapacityExhaustedError
 from spacenet.strategy.cl_metrics import AccuracyMatrix
@@ -96,6 +99,7 @@ class Service:
         )
         self.accuracy_ = AccuracyMatrix()
         self.model_version_ = 0
+        self.announced_version_ = 0  # the newest model version known to be on the models topic
         self.positions_: dict[int, int] = {}
         self.predictor_: Predictor | None = None
         self.stop_ = threading.Event()
@@ -144,7 +148,12 @@ class Service:
         if self._gen is not None:
             self._advance()
             return
-        if self._checkpoint_due and time.monotonic() >= self._next_checkpoint_try:
+        # A commit needs the group membership: before the first assignment, poll (join) first.
+        if (
+            self._checkpoint_due
+            and self.consumer.assignment()
+            and time.monotonic() >= self._next_checkpoint_try
+        ):
             self._checkpoint_and_publish()
             return
         if not self._backlog:
@@ -340,12 +349,21 @@ class Service:
             self._next_checkpoint_try = time.monotonic() + 10.0
             return
         maybe_crash("after_checkpoint")
-        self._commit()
-        self._checkpoint_due = False
-        self.ready_reason_ = ""
         if self._published is not None and self._published is not self.predictor_:
             self.predictor_ = self._published
+        # Announce before committing: a crash in between announces again on restart (see
+        # ``restore``), while a commit first would lose the announcement for good.
+        if self.predictor_ is not None and self.announced_version_ < self.model_version_:
             self._announce()
+        try:
+            self._commit()
+        except KafkaError as e:  # broker away or a rebalance: the checkpoint stands, commit later
+            self.ready_reason_ = f"offset commit failing: {e}"
+            log.warning("committing offsets failed (%s); retrying in 2 s", e)
+            self._next_checkpoint_try = time.monotonic() + 2.0
+            return
+        self._checkpoint_due = False
+        self.ready_reason_ = ""
 
     def _commit(self) -> None:
         from kafka.structs import OffsetAndMetadata, TopicPartition
@@ -371,6 +389,8 @@ class Service:
         self.producer.send(
             self.cfg.models_topic, key=str(self.model_version_).encode(), value=json.dumps(event).encode()
         )
+        self.producer.flush()  # on the topic before the offsets it covers are committed
+        self.announced_version_ = self.model_version_
         self.m.model_published(self.model_version_)
         log.info("published model version %d", self.model_version_)
 
@@ -426,6 +446,27 @@ class Service:
         self.m.model_published(self.model_version_)
         self.tm.snapshot(self.learner.spacenet, self.accuracy_, self.model_version_)
         log.info("resumed from checkpoint %d at positions %s", version, self.positions_)
+        if self._committed_behind():
+            # The last run died between writing this checkpoint and committing its offsets,
+            # so maybe before announcing its model: announce it (again) and commit.
+            log.info("offsets of checkpoint %d were not committed: announcing and committing", version)
+            self._checkpoint_due = True
+        else:
+            self.announced_version_ = self.model_version_
+
+    def _committed_behind(self) -> bool:
+        """Whether the group's committed offsets are behind ``positions_`` (unknown: True)."""
+        from kafka.structs import TopicPartition
+
+        try:
+            for partition, position in self.positions_.items():
+                committed = self.consumer.committed(TopicPartition(self.cfg.topic, partition))
+                if committed is None or committed < position:
+                    return True
+        except KafkaError as e:
+            log.warning("could not read the committed offsets: %s", e)
+            return True
+        return False
 
     def seek_assigned(self, assigned: list[Any]) -> None:
         """Rebalance hook: start each partition at the checkpoint's position."""
