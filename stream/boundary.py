@@ -191,6 +191,11 @@ class BoundaryDetector:
         self._check_timeout(now, out)
         return out.events
 
+    def timeout_due(self, now: float) -> bool:
+        """Whether ``tick(now)`` would close the open task for idleness."""
+        timeout, last = self.idle_timeout_s, self.last_time_
+        return not (timeout is None or last is None or self.current_task_ is None) and now - last >= timeout
+
     def restart_clock(self, now: float) -> None:
         """Count idle time from ``now``: after a pause the stream did not cause (the
         caller stopped consuming to train a task, or the process restarted), so that
@@ -331,10 +336,7 @@ class BoundaryDetector:
             self._close(Reason.RECORD_LIMIT, index, out)
 
     def _check_timeout(self, now: float, out: Assignments) -> None:
-        timeout, last = self.idle_timeout_s, self.last_time_
-        if timeout is None or last is None or self.current_task_ is None:
-            return
-        if now - last >= timeout:
+        if self.timeout_due(now):
             self._close(Reason.TIMEOUT, 0, out)
 
     def _start_marker(self, task: int | None, out: Assignments) -> None:

@@ -48,6 +48,7 @@ from spacenet.stream.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 ROW_BITS = 16  # record id = offset << 16 | row within the message
+CAUGHT_UP_TIMEOUT_MS = 5000  # how long an idle-timeout check waits for the broker
 REASON_HEADER, DETAIL_HEADER, SOURCE_HEADER = (
     "spacenet-reject-reason",
     "spacenet-reject-detail",
@@ -165,14 +166,30 @@ class Service:
             self.tm.lag(self.consumer, self.positions_)
             self.m.batch()
             if not self._backlog:
-                if not self.consumer.assignment():
-                    # Owning no partition (starting, rebalancing, waiting for a dead member's
-                    # session to expire) is not an idle stream: no timeout may close a task.
-                    self.detector.restart_clock(time.monotonic())
+                now = time.monotonic()
+                # Owning no partition (starting, rebalancing, waiting for a dead member's
+                # session to expire), an unreachable broker or records still to fetch are
+                # not an idle stream: no timeout may close a task then.
+                if not self.consumer.assignment() or (
+                    self.detector.timeout_due(now) and not self._caught_up()
+                ):
+                    self.detector.restart_clock(now)
                     return
-                self._gen = self._events(self.detector.tick(time.monotonic()))
+                self._gen = self._events(self.detector.tick(now))
                 return
         self._gen = self._handle(self._backlog.popleft())
+
+    def _caught_up(self) -> bool:
+        """Whether the broker answers and every assigned partition is read to its end."""
+        parts = list(self.consumer.assignment())
+        try:
+            ends = self.consumer.end_offsets(parts, timeout_ms=CAUGHT_UP_TIMEOUT_MS)
+            return all(
+                self.consumer.position(tp, timeout_ms=CAUGHT_UP_TIMEOUT_MS) >= ends[tp] for tp in parts
+            )
+        except KafkaError as e:
+            log.warning("the broker did not answer (%s): the open task stays open", e)
+            return False
 
     def _advance(self) -> None:
         assert self._gen is not None
