@@ -32,6 +32,7 @@ test-fast: setup
 demo: setup system-deps kafka-jars
 	$(PY) -m spacenet.stream.cli demo $(DEMO_ARGS)
 
+BENCH_ARGS ?= --benchmark split_mnist --strategies spacenet,spacenet_fb,spacenet_cal,spacenet_plus,naive,replay --seeds 0,1,2,3,4 --out results/split_mnist
 bench: setup
 	$(PY) -m spacenet.stream.cli bench $(BENCH_ARGS)
 
