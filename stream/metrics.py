@@ -254,6 +254,13 @@ class ServiceMetrics:
         """The consumer is ``messages`` behind the end of ``topic``/``partition``."""
         self.consumer_lag.labels(topic, str(partition)).set(messages)
 
+    def partition_assigned(self, topic: str, partition: int) -> None:
+        """Create this partition's counters at 0 when it is assigned, before its first
+        record: a series that appears with its first value hides that increase from
+        ``rate()`` and ``increase()``."""
+        self.messages_consumed.labels(topic, str(partition))
+        self.records_consumed.labels(topic, str(partition))
+
     def partition_revoked(self, topic: str, partition: int) -> None:
         """Stop reporting lag for a partition this consumer no longer owns."""
         with suppress(KeyError):

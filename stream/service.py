@@ -488,6 +488,7 @@ class Service:
     def seek_assigned(self, assigned: list[Any]) -> None:
         """Rebalance hook: start each partition at the checkpoint's position."""
         for tp in assigned:
+            self.m.partition_assigned(tp.topic, tp.partition)
             if tp.partition in self.positions_:
                 self.consumer.seek(tp, self.positions_[tp.partition])
 

@@ -100,6 +100,12 @@ def test_ingest(registry: CollectorRegistry, metrics: ServiceMetrics) -> None:
     metrics.batch()
     assert value(registry, "spacenet_batches_total") == 1.0
 
+    # An assigned partition reads 0 before its first record (so rate() sees that increase).
+    assert value(registry, "spacenet_records_consumed_total", topic="train", partition="5") is None
+    metrics.partition_assigned("train", 5)
+    assert value(registry, "spacenet_records_consumed_total", topic="train", partition="5") == 0.0
+    assert value(registry, "spacenet_messages_consumed_total", topic="train", partition="5") == 0.0
+
     metrics.lag("train", 0, 120)
     metrics.lag("train", 1, 3)
     metrics.lag("train", 0, 100)
