@@ -1,4 +1,4 @@
-"""Fault injection against the real broker (issue 9): the service is crashed, starved,
+"""Fault injection against the real broker (issue 7): the service is crashed, starved,
 flooded with poison, run out of capacity and of disk, and its broker is restarted under
 it; each test checks that it recovers without losing or re-learning anything.
 

@@ -1,4 +1,4 @@
-"""Poison input at volume, at the decoder (issue 9, level a): hypothesis draws streams of
+"""Poison input at volume, at the decoder (issue 7, level a): hypothesis draws streams of
 malformed messages of every kind (``tests/support/poison.py``) interleaved with good
 ones, and feeds them to one ``wire.decode`` in order, so the schema and layout caches
 that good messages fill are in play for the bad ones after them. Every bad message must
