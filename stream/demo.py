@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,8 +32,10 @@ import numpy as np
 
 from spacenet.strategy.cl_metrics import AccuracyMatrix
 from spacenet.stream import wire
+from spacenet.stream.http import free_port
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
 from spacenet.stream.predict import decode_reply
+from spacenet.stream.procfs import status_bytes
 from spacenet.stream.produce import load_dataset, produce_stream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace, bootstrap: str, work: Path, out: Path) -> int:
         print(f"[demo] {learned} tasks learned, model version {final['model_version']}")
         xt, yt, _ = load_dataset(name, train=False)
         test = score_predictions(settings, producer, topic, xt, yt, expected, args.seed)
-        rss = peak_rss(service.pid)
+        rss = status_bytes("VmHWM", service.pid)
         exposition = scrape(metrics_port)
         (out / "metrics.prom").write_text(exposition)
         series = sum(1 for line in exposition.splitlines() if line.startswith("spacenet_"))
@@ -268,27 +269,11 @@ def score_predictions(
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def scrape(port: int) -> str:
     """The service's ``/metrics`` exposition text (never through a proxy)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         return str(resp.read().decode())
-
-
-def peak_rss(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def print_report(final: dict[str, Any], test: dict[str, Any], rss: int | None) -> None:

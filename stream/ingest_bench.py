@@ -50,6 +50,7 @@ from spacenet.stream import wire
 from spacenet.stream.buffer import TaskBuffer
 from spacenet.stream.config import ServiceConfig
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
+from spacenet.stream.procfs import status_bytes
 from spacenet.stream.produce import (
     TOPIC_CONFIGS,
     DatasetError,
@@ -205,17 +206,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _rss_bytes(field: str = "VmRSS") -> int:
-    """The current (``VmRSS``) or peak (``VmHWM``) resident set size, 0 where unknown."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def measure(
     settings: KafkaSettings,
     topic: str,
@@ -234,9 +224,9 @@ def measure(
             )
             gc.collect()
             resettable = _reset_peak_rss()
-            rss_start = _rss_bytes()
+            rss_start = status_bytes("VmRSS") or 0
             seconds, cpu_seconds = read_topic(settings, topic, sink, config)
-            peak = _rss_bytes("VmHWM") if resettable else None
+            peak = status_bytes("VmHWM") if resettable else None
             if isinstance(sink, IngestSink):
                 if sink.rejected or sink.records != records:
                     raise RuntimeError(

@@ -9,14 +9,15 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
-import time
 import uuid
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
+
+from tests.support.service import read_topic
 
 FEATURES = 784
 SCHEMA = pa.schema([("features", pa.list_(pa.uint8(), FEATURES)), ("label", pa.int64())])
@@ -67,22 +68,6 @@ def _create_topic(bootstrap: str) -> str:
     return topic
 
 
-def _consume(bootstrap: str, topic: str, count: int, timeout_s: float = 60.0) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    partition = TopicPartition(topic, 0)
-    try:
-        consumer.assign([partition])
-        consumer.seek_to_beginning(partition)
-        records: list = []
-        deadline = time.monotonic() + timeout_s
-        while len(records) < count and time.monotonic() < deadline:
-            for polled in consumer.poll(timeout_ms=1000).values():
-                records.extend(polled)
-    finally:
-        consumer.close()
-    return records
-
-
 def _read_with_kcat(bootstrap: str, topic: str) -> list[tuple[int, bytes, bytes]]:
     """(offset, key, value) of every message, read by kcat in a binary-safe framing.
 
@@ -126,7 +111,7 @@ def test_arrow_batches_roundtrip_through_kafka_python_and_kcat(
         producer.close()
     assert offsets == list(range(len(payloads)))
 
-    records = _consume(kafka_bootstrap, topic, len(payloads))
+    records = read_topic(kafka_bootstrap, topic)
     assert [r.offset for r in records] == offsets
     assert [r.key for r in records] == keys
     assert [r.value for r in records] == payloads

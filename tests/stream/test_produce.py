@@ -13,35 +13,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from kafka import KafkaConsumer, TopicPartition
 
 from spacenet.stream import kafka_config, wire
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
 from spacenet.stream.produce import iter_messages, load_dataset, main, plan_tasks
+from tests.support.service import read_topic
 
 LIMITS = wire.WireLimits()
 
 
 # ---- helpers --------------------------------------------------------------------------
-def consume_all(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[Any]:
-    """Every message of partition 0, from the beginning to the end offset, in order."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    tp = TopicPartition(topic, 0)
-    try:
-        consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
-        end = consumer.end_offsets([tp])[tp]
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while len(records) < end and time.monotonic() < deadline:
-            for polled in consumer.poll(timeout_ms=1000).values():
-                records.extend(polled)
-    finally:
-        consumer.close()
-    assert len(records) == end
-    return records
-
-
 def decode_all(records: list[Any], limits: wire.WireLimits = LIMITS) -> list[wire.Decoded]:
     return [wire.decode(r.value, r.headers, limits) for r in records]
 
@@ -235,7 +216,7 @@ def test_produce_parquet_file_with_markers(
     assert code == 0, out
     assert "115 records" in out and "3 tasks" in out
 
-    decoded = decode_all(consume_all(kafka_bootstrap, topic))
+    decoded = decode_all(read_topic(kafka_bootstrap, topic))
     task_classes = [[7, 3], [5, 1], [9]]
     check_stream(decoded, task_classes, per_message=5, markers=True)
     data = [d for d in decoded if not d.is_control]
@@ -279,7 +260,7 @@ def test_produce_arrow_file_float_features_without_markers(
     code, out, _ = run_main(argv, capsys)
     assert code == 0 and "27 records" in out
 
-    decoded = decode_all(consume_all(kafka_bootstrap, topic))
+    decoded = decode_all(read_topic(kafka_bootstrap, topic))
     check_stream(decoded, [[1], [2], [0]], per_message=4, markers=False)
     assert len(decoded) == 3 * 3  # ceil(9/4) per task
     assert all(d.features.dtype.is_floating_point and d.shape == (2, 2) for d in decoded)
@@ -306,7 +287,7 @@ def test_produce_split_mnist_subset(kafka_bootstrap: str, capsys: pytest.Capture
     assert code == 0 and "300 records" in out and "5 tasks" in out
 
     limits = wire.WireLimits(expected_shape=(1, 28, 28), num_classes_max=10)
-    records = consume_all(kafka_bootstrap, topic)
+    records = read_topic(kafka_bootstrap, topic)
     decoded = decode_all(records, limits)
     check_stream(decoded, [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], per_message=16, markers=True)
     assert len(decoded) == 5 * 4  # ceil(60/16) messages per task

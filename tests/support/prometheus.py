@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,6 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from spacenet.stream.http import free_port
+
 Result = list[dict[str, Any]]
 # Loopback only: never route through an HTTP proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -32,12 +33,6 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 class PrometheusError(RuntimeError):
     """Prometheus could not start or stop, or answered a query with an error."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrometheusServer:
