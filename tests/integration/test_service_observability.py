@@ -264,19 +264,23 @@ def test_free_neurons_fall_after_each_task(observed: Observed) -> None:
         levels = [observed.free_before[layer]] + [f[layer] for f in free]
         assert all(a > b for a, b in itertools.pairwise(levels)), (layer, levels)
     # Over the scraped history: never rising, from the untouched layer to the final value.
+    # Range points fall at start + k * step: start a whole number of steps before ``end``,
+    # so the last point is ``end`` itself, after the scrape that showed the final model.
     end = time.time()
+    start = end - math.ceil(end - observed.started_at)
     data = observed.prom.api(
         "query_range",
         {
             "query": "spacenet_layer_free_neurons",
-            "start": str(observed.started_at),
+            "start": str(start),
             "end": str(end),
             "step": "1",
         },
     )
-    series = {s["metric"]["layer"]: [float(v) for _, v in s["values"]] for s in data["result"]}
+    raw = {s["metric"]["layer"]: s["values"] for s in data["result"]}
+    series = {layer: [float(v) for _, v in points] for layer, points in raw.items()}
     for layer in hidden:
         values = series[layer]
         assert values[0] == observed.free_before[layer]
-        assert values[-1] == free[-1][layer]
+        assert values[-1] == free[-1][layer], (layer, raw[layer][-5:], end)
         assert all(a >= b for a, b in itertools.pairwise(values)), (layer, values)
