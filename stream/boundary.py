@@ -168,7 +168,8 @@ class BoundaryDetector:
     ) -> Assignments:
         """Assign the next records; ``marker`` (with optional task id) applies to this
         batch, which may be empty for a bare control event; ``now`` feeds the timeout."""
-        values = np.asarray(labels, dtype=np.int64).reshape(-1).tolist()
+        array = np.asarray(labels, dtype=np.int64).reshape(-1)
+        values = array.tolist()
         marker = None if marker is None else Marker(marker)
         n = len(values)
         out = Assignments(self.n_seen_, np.empty(n, np.int8), np.full(n, -1, np.int64))
@@ -178,12 +179,51 @@ class BoundaryDetector:
                 self.last_time_ = now
         if marker is Marker.START:
             self._start_marker(marker_task, out)
-        for i, label in enumerate(values):
-            self._one(i, label, out)
+        other: npt.NDArray[np.bool_] | None = None  # per record: not of the open task's classes
+        other_of: tuple[int, int] | None = None  # the (task, number of classes) of ``other``
+        i = 0
+        while i < n:
+            task = self.current_task_
+            if self._bulk and task is not None and self.class_task_.get(values[i]) == task:
+                classes = self.task_classes_[task]
+                if other_of != (task, len(classes)):  # classes only ever join a task
+                    other = _not_in(array, classes)
+                    other_of = (task, len(classes))
+                assert other is not None
+                k = self._train_run(i, other, out)
+                if k:
+                    i += k
+                    continue
+            self._one(i, values[i], out)
+            i += 1
         if marker is Marker.END:
             self._end_marker(marker_task, n, out)
         self._flush_expired(n, out)
         return out
+
+    def trains_all(self, labels: npt.NDArray[np.int64], now: float | None = None) -> bool:
+        """Whether ``observe(labels, now=now)`` (no marker) would make every record a TRAIN
+        record of the open task and emit no event; False when unsure. Changes nothing.
+
+        >>> det = BoundaryDetector(min_count=1, window=10, group_window=3)
+        >>> _ = det.observe(np.array([4]))
+        >>> det.trains_all(np.array([4, 4])), det.trains_all(np.array([4, 5]))
+        (True, False)
+        """
+        task, n = self.current_task_, len(labels)
+        if task is None or not n or self._expired or (now is not None and self.timeout_due(now)):
+            return False
+        last = self.n_seen_ + n - 1
+        if self._await_class_until is not None and last >= self._await_class_until:
+            return False
+        if self.max_task_records is not None and self.task_records_ + n >= self.max_task_records:
+            return False
+        for seq, label in self._order:  # released labels stay listed until their records age out
+            if seq > last - self.window:
+                break
+            if label in self._pending:
+                return False  # a pending record would expire
+        return not _not_in(labels, self.task_classes_[task]).any()
 
     def tick(self, now: float) -> list[Event]:
         """Close the open task if no record arrived for ``idle_timeout_s`` seconds."""
@@ -245,10 +285,35 @@ class BoundaryDetector:
         self._shadow_anchor: int | None = state.get("shadow_anchor")  # last boundary markers missed
         self._await_class_until: int | None = state.get("await_class_until")
 
-    # ---- one record -------------------------------------------------------------------
-    def _one(self, i: int, label: int, out: Assignments) -> None:
+    # ---- records ----------------------------------------------------------------------
+    _bulk = True  # tests turn it off to check the bulk path against record-by-record
+
+    def _train_run(self, i: int, other: npt.NDArray[np.bool_], out: Assignments) -> int:
+        """Assign records ``i, i + 1, ...`` of the open task's classes to it in one step, as
+        ``_one`` would one by one; stop before a record of another class and before any
+        record at which ``_one`` would emit an event (the await deadline, the record
+        limit). Expiry of pending records in between needs no record order: expired seqs
+        are only reported at the next event or at the end of the batch. Returns how many."""
+        task = self.current_task_
+        assert task is not None
+        rest = other[i:]
+        k = int(np.argmax(rest)) if rest.any() else len(rest)  # the run of the open task's classes
         seq = self.n_seen_
-        self.n_seen_ = seq + 1
+        if self._await_class_until is not None:
+            k = min(k, self._await_class_until - seq)
+        if self.max_task_records is not None:
+            k = min(k, self.max_task_records - self.task_records_ - 1)
+        if k <= 0:
+            return 0
+        self._expire(seq + k - 1)
+        out.outcome[i : i + k] = Outcome.TRAIN
+        out.task[i : i + k] = task
+        self.n_seen_ = seq + k
+        self.task_records_ += k
+        return k
+
+    def _expire(self, seq: int) -> None:
+        """Pending records that fell out of the window by record ``seq`` expire."""
         while self._order and self._order[0][0] <= seq - self.window:
             old_seq, old_label = self._order.popleft()
             if old_label in self._pending:  # otherwise already released
@@ -256,6 +321,11 @@ class BoundaryDetector:
                 self._expired.append(old_seq)
                 if not self._pending[old_label]:
                     del self._pending[old_label]
+
+    def _one(self, i: int, label: int, out: Assignments) -> None:
+        seq = self.n_seen_
+        self.n_seen_ = seq + 1
+        self._expire(seq)
         if self._await_class_until is not None and seq >= self._await_class_until:
             self._no_new_class(i, out)
         task = self.class_task_.get(label)
@@ -370,3 +440,13 @@ class BoundaryDetector:
         if self._expired:
             seqs, self._expired = tuple(self._expired), []
             out.events.append(Event(EventKind.EXPIRED, index, None, Reason.NOISE, (), seqs))
+
+
+def _not_in(values: npt.NDArray[np.int64], classes: list[int]) -> npt.NDArray[np.bool_]:
+    """``~np.isin(values, classes)``; for a few classes, comparisons are several times faster."""
+    if len(classes) > 16:
+        return ~np.isin(values, classes)
+    out = np.ones(len(values), bool)
+    for c in classes:
+        out &= values != c
+    return out

@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,35 @@ class Records:
 
 
 _FIELDS = ("features", "labels", "partitions", "ids")
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Training records whose features stay in the caller's read-only blocks (e.g. views of
+    immutable Kafka message values), kept by reference: ``rows[b]`` are block b's records."""
+
+    blocks: list[npt.NDArray[Any]]
+    rows: list[npt.NDArray[np.intp]]
+    labels: npt.NDArray[np.int64]
+    partitions: npt.NDArray[np.int32]
+    ids: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes kept alive: whole blocks (rows held out included), labels, ids."""
+        return (
+            sum(b.nbytes for b in self.blocks) + self.labels.nbytes + self.partitions.nbytes + self.ids.nbytes
+        )
+
+    def records(self) -> Records:
+        """The records, copied into one array (at read time, off the ingest path)."""
+        parts = [np.take(b, r, axis=0) for b, r in zip(self.blocks, self.rows, strict=True)]
+        shape = self.blocks[0].shape[1:] if self.blocks else ()
+        features = np.concatenate(parts) if parts else np.empty((0, *shape), np.uint8)
+        return Records(features, self.labels, self.partitions, self.ids)
 
 
 class RecordDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -218,7 +247,7 @@ class TaskBuffer:
         self.seed = seed
         self.task_ = None
         self.spilled_files_ = []
-        self._chunks: list[Records] = []
+        self._chunks: list[Records | _Blocks] = []
         self._chunk_bytes = 0
         self._spill_path: Path | None = None
         self._spilled_rows = 0
@@ -241,16 +270,83 @@ class TaskBuffer:
         """Add records of the open task: held-out or training, never both. ``ids`` with
         ``partitions`` (default 0) name each record stably, e.g. Kafka offsets. The buffer
         copies what it keeps, so the caller may reuse or overwrite ``features`` afterwards."""
+        recs = self._records(features, labels, ids, partitions)
+        self._add(recs.labels, recs.ids, recs.partitions, lambda rows: np.take(recs.features, rows, axis=0))
+
+    def add_blocks(
+        self,
+        blocks: Sequence[npt.NDArray[Any]],
+        labels: npt.ArrayLike,
+        ids: npt.ArrayLike,
+        partitions: npt.ArrayLike | None = None,
+    ) -> None:
+        """``add`` for records whose features come in blocks of rows (e.g. one per message),
+        in order. Read-only blocks are kept by reference, not copied (their records are
+        copied when read: ``iter_batches``, ``dataset``, a spill); writeable ones are copied.
+
+        >>> buf = TaskBuffer((2,), "uint8", holdout_fraction=0.0)
+        >>> buf.start_task(0)
+        >>> buf.add_blocks([np.zeros((2, 2), np.uint8), np.ones((1, 2), np.uint8)], [0, 0, 1], [0, 1, 2])
+        >>> next(buf.iter_batches()).features.tolist()
+        [[0, 0], [0, 0], [1, 1]]
+        """
+        shaped = []
+        for block in blocks:
+            if block.dtype != self.dtype:
+                raise TypeError(f"features are {block.dtype}, this buffer holds {self.dtype}")
+            block = block.reshape(len(block), *self.feature_shape)
+            shaped.append(block if not block.flags.writeable else block.copy())
+            shaped[-1].flags.writeable = False
+        starts = np.cumsum([0, *(len(b) for b in shaped)])
+        y, p, i = self._columns(int(starts[-1]), labels, ids, partitions)
+
+        def split(rows: npt.NDArray[np.intp]) -> list[npt.NDArray[np.intp]]:
+            """``rows`` (ascending positions) as row numbers within each block."""
+            cuts = np.searchsorted(rows, starts).tolist()
+            return [rows[cuts[b] : cuts[b + 1]] - starts[b] for b in range(len(shaped))]
+
+        def gather(rows: npt.NDArray[np.intp]) -> npt.NDArray[Any]:
+            out = np.empty((len(rows), *self.feature_shape), self.dtype)
+            at = 0
+            for block, local in zip(shaped, split(rows), strict=True):
+                np.take(block, local, axis=0, out=out[at : at + len(local)])
+                at += len(local)
+            return out
+
+        def keep(rows: npt.NDArray[np.intp]) -> _Blocks:
+            local = split(rows)
+            used = [b for b, r in enumerate(local) if len(r)]
+            return _Blocks([shaped[b] for b in used], [local[b] for b in used], y[rows], p[rows], i[rows])
+
+        self._add(y, i, p, gather, keep)
+
+    def _add(
+        self,
+        labels: npt.NDArray[np.int64],
+        ids: npt.NDArray[np.int64],
+        partitions: npt.NDArray[np.int32],
+        gather: Callable[[npt.NDArray[np.intp]], npt.NDArray[Any]],
+        keep: Callable[[npt.NDArray[np.intp]], Records | _Blocks] | None = None,
+    ) -> None:
+        """Split records into held-out and training; ``gather(rows)`` copies the features of
+        ``rows`` (ascending positions) into a new array, ``keep(rows)`` makes the training
+        chunk of those rows (default: their records, gathered)."""
         if self.task_ is None:
             raise RuntimeError("start_task() first")
-        recs = self._records(features, labels, ids, partitions)
-        u = (_hash(self.seed, recs.partitions, recs.ids) >> np.uint64(11)).astype(np.float64) / 2.0**53
+        u = (_hash(self.seed, partitions, ids) >> np.uint64(11)).astype(np.float64) / 2.0**53
         chosen = u < self.holdout_fraction
         reservoir = self._holdout.setdefault(self.task_, _Reservoir(self.holdout_max_per_task))
         held = np.flatnonzero(chosen)
-        passed, evicted = reservoir.offer(recs, self.seed, self.task_, held)
+        offered = Records(gather(held), labels[held], partitions[held], ids[held])
+        passed, evicted = reservoir.offer(offered, self.seed, self.task_)
         chosen[held[passed]] = False
-        for chunk in [c for c in [recs.take(np.flatnonzero(~chosen)), *evicted] if len(c)]:
+        rows = np.flatnonzero(~chosen)
+        train = (
+            keep(rows)
+            if keep is not None
+            else Records(gather(rows), labels[rows], partitions[rows], ids[rows])
+        )
+        for chunk in [c for c in [train, *evicted] if len(c)]:
             self._chunks.append(chunk)
             self._chunk_bytes += chunk.nbytes
         if self._chunk_bytes > self.max_memory_bytes:
@@ -285,7 +381,8 @@ class TaskBuffer:
         """Training records in order: one batch per spill file, then one per added chunk."""
         for path in self.spilled_files_:
             yield from self._read(path)
-        yield from self._chunks
+        for chunk in self._chunks:
+            yield chunk if isinstance(chunk, Records) else chunk.records()
 
     def dataset(self, scale: float | None = None) -> RecordDataset:
         """The training records as a torch Dataset over memory-mapped spill files; ``scale``
@@ -351,10 +448,17 @@ class TaskBuffer:
             raise TypeError(f"features are {x.dtype}, this buffer holds {self.dtype}")
         n = len(x)
         x = x.astype(self.dtype, copy=False).reshape(n, *self.feature_shape)
+        return Records(x, *self._columns(n, labels, ids, parts))
+
+    @staticmethod
+    def _columns(
+        n: int, labels: npt.ArrayLike, ids: npt.ArrayLike, parts: npt.ArrayLike | None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.int64]]:
+        """Labels, partitions and ids of ``n`` records, in Records' order and dtypes."""
         y = np.asarray(labels).astype(np.int64).reshape(n)
         i = np.asarray(ids).astype(np.int64).reshape(n)
         p = np.zeros(n, np.int32) if parts is None else np.asarray(parts).astype(np.int32).reshape(n)
-        return Records(x, y, p, i)
+        return y, p, i
 
     def _scale(self, scale: float | None) -> float:
         return scale if scale is not None else (1 / 255 if self.dtype == "uint8" else 1.0)
@@ -365,7 +469,7 @@ class TaskBuffer:
             Path(root).mkdir(parents=True, exist_ok=True)
             self._spill_path = Path(tempfile.mkdtemp(prefix=f"spill-task{self.task_}-", dir=root))
         path = self._spill_path / f"{len(self.spilled_files_):06d}.arrow"
-        chunk = Records.concat(self._chunks)
+        chunk = Records.concat([c if isinstance(c, Records) else c.records() for c in self._chunks])
         self._write(path, chunk, {"task": self.task_})
         self.spilled_files_.append(path)
         self._spilled_rows += len(chunk)

@@ -1,15 +1,16 @@
 """``spacenet ingest-bench``: our ingest path against a plain kafka-python consumer loop.
 
-Produces split MNIST (or its first ``--records``) into a fresh topic (with task markers),
-then reads the whole topic ``--repeats`` times with each of two loops, alternating which
-goes first:
+Produces split MNIST (or its first ``--records``) into a fresh topic (without task markers
+unless ``--markers``: boundaries are detected, as in the demo), then reads the whole topic
+``--repeats`` times with each of two loops, alternating which goes first:
 
 * **plain**: poll, and touch each value (its length and last byte); the floor any consumer
   written with kafka-python pays.
-* **ours**: the same loop, plus ``wire.decode`` with full validation of every message and
-  ``TaskBuffer.add`` of each poll's records of one task in a single call (a task-start
-  marker closes the open task and opens its own, as in the service; spill folder in a
-  temporary dir).
+* **ours**: the same loop, handing each poll to the service's own ingest path
+  (``stream/ingest.py``, configured as ``spacenet serve`` is by default): decode with full
+  validation of every message, boundary detection, routing into the ``TaskBuffer`` with its
+  held-out samples (spill folder in a temporary dir). Only training is left out: where the
+  service would train a closed task, the buffer is just cleared.
 
 Both loops use one and the same consumer configuration, ``CONSUMER_CONFIG``: the one
 ``spacenet serve`` gives its training consumer (fetch sizes, poll size, no auto commit) and
@@ -30,6 +31,7 @@ is the peak minus the RSS at the run's start) and overall.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import platform
@@ -40,16 +42,16 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from prometheus_client import CollectorRegistry
 
-from spacenet.stream import wire
-from spacenet.stream.buffer import TaskBuffer
 from spacenet.stream.config import ServiceConfig
+from spacenet.stream.ingest import Ingest
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
+from spacenet.stream.metrics import ServiceMetrics
 from spacenet.stream.procfs import status_bytes
 from spacenet.stream.produce import (
     TOPIC_CONFIGS,
@@ -113,56 +115,42 @@ class PlainSink:
 
 
 class IngestSink:
-    """Our path: decode and validate every message, then append a poll's records of one task to
-    a ``TaskBuffer`` in one call (a task-start marker closes the open task and opens its own)."""
+    """Our path: the service's own ``Ingest`` (decode and validate every message, detect task
+    boundaries, route records into a ``TaskBuffer``), configured as ``spacenet serve`` is by
+    default. Where the service would train on a closed task, the sink lets ``Ingest`` go on,
+    which clears the buffer."""
 
-    def __init__(self, spill_dir: str, max_memory_bytes: int) -> None:
-        self.limits = wire.WireLimits(expected_shape=SHAPE, num_classes_max=10)
-        self.buffer = TaskBuffer(SHAPE, "uint8", max_memory_bytes=max_memory_bytes, spill_dir=spill_dir)
-        self.records = self.messages = self.bytes = self.rejected = 0
-        # One poll's features, gathered for TaskBuffer.add (which copies what it keeps): reused,
-        # so its pages are not faulted in afresh on every poll.
-        self._scratch = np.empty((0, *SHAPE), np.uint8)
+    def __init__(self, topic: str, spill_dir: str, max_memory_bytes: int) -> None:
+        cfg = replace(_SERVICE, topic=topic, max_buffer_bytes=max_memory_bytes)
+        self.registry = CollectorRegistry()
+        self.ingest = Ingest.from_config(cfg, ServiceMetrics(self.registry), self._reject, Path(spill_dir))
+        self.backlog: collections.deque[Any] = collections.deque()
+        self.messages = self.bytes = self.rejected = 0
+        self.closed: list[tuple[int, tuple[int, ...]]] = []
+
+    def _reject(self, value: bytes | None, key: bytes | None, reason: str, detail: str, msg: Any) -> None:
+        self.rejected += 1  # the service sends these to the dead-letter topic
 
     def __call__(self, records: Sequence[Any]) -> None:
-        pending: list[tuple[wire.Decoded, Any]] = []
         for record in records:
             self.messages += 1
             self.bytes += len(record.value or b"")
-            try:
-                msg = wire.decode(record.value, record.headers, self.limits)
-            except wire.WireError:
-                self.rejected += 1  # the service routes these to the dead-letter topic
-                continue
-            task = msg.marker_task if msg.marker is wire.Marker.TASK_START else None
-            if task is not None and task != self.buffer.task_:
-                self._add(pending)
-                pending = []
-                self.buffer.clear()  # the service trains on the closed task here, then clears
-                self.buffer.start_task(task)
-            elif self.buffer.task_ is None:
-                self.buffer.start_task(0)
-            if msg.num_records:
-                pending.append((msg, record))
-        self._add(pending)
+        self.backlog.extend(records)
+        while self.backlog:
+            self.closed.extend(self.ingest.handle(self.backlog))
 
-    def _add(self, pending: Sequence[tuple[wire.Decoded, Any]]) -> None:
-        """One ``TaskBuffer.add`` for many messages: its cost is mostly per call, not per record."""
-        if not pending:
-            return
-        counts = np.array([msg.num_records for msg, _ in pending])
-        firsts = np.repeat(np.cumsum(counts) - counts, counts)
-        offsets = np.repeat([record.offset for _, record in pending], counts)
-        ids = offsets * self.limits.max_records + np.arange(len(firsts)) - firsts  # stable per record
-        parts = np.repeat(np.array([record.partition for _, record in pending], np.int32), counts)
-        if len(self._scratch) < len(firsts):
-            self._scratch = np.empty((max(len(firsts), 2 * len(self._scratch)), *SHAPE), np.uint8)
-        features = np.concatenate(
-            [msg.features.numpy() for msg, _ in pending], out=self._scratch[: len(firsts)]
+    @property
+    def records(self) -> int:
+        """Records of the messages that decoded (what the service counts as consumed)."""
+        return int(
+            sum(
+                sample.value
+                for metric in self.registry.collect()
+                if metric.name == "spacenet_records_consumed"
+                for sample in metric.samples
+                if sample.name == "spacenet_records_consumed_total"
+            )
         )
-        labels = np.concatenate([msg.labels for msg, _ in pending if msg.labels is not None])
-        self.buffer.add(features, labels, ids, parts)
-        self.records += len(labels)
 
 
 def read_topic(
@@ -220,7 +208,7 @@ def measure(
 
         def one(path: str) -> Run:
             sink: PlainSink | IngestSink = (
-                PlainSink(records) if path == "plain" else IngestSink(spill, max_memory_bytes)
+                PlainSink(records) if path == "plain" else IngestSink(topic, spill, max_memory_bytes)
             )
             gc.collect()
             resettable = _reset_peak_rss()
@@ -232,7 +220,7 @@ def measure(
                     raise RuntimeError(
                         f"ours read {sink.records} of {records} records, {sink.rejected} rejected"
                     )
-                sink.buffer.clear()
+                sink.ingest.buffer.clear()
             return Run(path, seconds, cpu_seconds, sink.messages, sink.records, sink.bytes, rss_start, peak)
 
         one("plain")  # warm-up, not reported
@@ -270,6 +258,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", help="a topic that does not exist yet (default: a fresh random name)")
     p.add_argument("--records", type=int, default=60_000, help="the first N split-MNIST training records")
     p.add_argument("--records-per-message", type=int, default=64)
+    p.add_argument(
+        "--markers",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="produce explicit task markers (default: no, boundaries are detected, as in the demo)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--data-root", help="dataset root (default: $SPACENET_DATA or the user cache)")
@@ -315,7 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot create topic {topic!r}: {e}")
     try:
         produced = produce_stream(
-            producer, topic, features, labels, records_per_message=args.records_per_message, markers=True
+            producer,
+            topic,
+            features,
+            labels,
+            records_per_message=args.records_per_message,
+            markers=args.markers,
         )
     finally:
         producer.close(timeout=10)

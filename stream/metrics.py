@@ -131,6 +131,7 @@ class ServiceMetrics:
             raise ValueError("max_task_label must be >= 0")
         self.max_task_label = max_task_label
         self._reject, self._boundary = _Bounded(reject_reasons), _Bounded(boundary_reasons)
+        self._consumed: dict[tuple[str, int], tuple[Counter, Counter]] = {}  # per (topic, partition)
         self._outcome, self._dead_letter = _Bounded(outcomes), _Bounded(dead_letter_reasons)
         self._layer = _Bounded([*layers, "unknown"])
         c, g, h = _factories(registry)
@@ -228,13 +229,31 @@ class ServiceMetrics:
                 counter.labels(value)
 
     # ---------------------------------------------------------------- ingest
-    def consumed(self, topic: str, partition: int, records: int, decode_seconds: float | None = None) -> None:
-        """One accepted message holding ``records`` records (and how long it took to decode)."""
-        self.messages_consumed.labels(topic, str(partition)).inc()
-        self.records_consumed.labels(topic, str(partition)).inc(records)
+    def consumed(
+        self,
+        topic: str,
+        partition: int,
+        records: int,
+        decode_seconds: float | None = None,
+        messages: int = 1,
+    ) -> None:
+        """``messages`` accepted messages (one by default) holding ``records`` records in all
+        (and how long one took to decode; observe the others with ``decoded``)."""
+        children = self._consumed.get((topic, partition))
+        if children is None:  # labels() costs more than the increments: once per partition
+            children = self._consumed[topic, partition] = (
+                self.messages_consumed.labels(topic, str(partition)),
+                self.records_consumed.labels(topic, str(partition)),
+            )
+        children[0].inc(messages)
+        children[1].inc(records)
         self.last_record.set(time.time())
         if decode_seconds is not None:
             self.decode_seconds.observe(decode_seconds)
+
+    def decoded(self, seconds: float) -> None:
+        """How long one message took to decode and validate."""
+        self.decode_seconds.observe(seconds)
 
     def rejected(self, reason: str, decode_seconds: float | None = None) -> None:
         """One message that failed to decode or validate; ``reason`` from the bounded set."""

@@ -36,18 +36,16 @@ from kafka.errors import KafkaError
 
 from spacenet.strategy.capacity import CapacityExhaustedError
 from spacenet.strategy.cl_metrics import AccuracyMatrix
-from spacenet.stream import wire
-from spacenet.stream.boundary import BoundaryDetector, EventKind, Outcome
-from spacenet.stream.buffer import Records, TaskBuffer
+from spacenet.stream.buffer import Records
 from spacenet.stream.checkpoint import CheckpointError, CheckpointStore
 from spacenet.stream.config import ServiceConfig, state_path
 from spacenet.stream.faults import maybe_crash
+from spacenet.stream.ingest import Ingest
 from spacenet.stream.learner import Learner, Predictor, TrainingAbandoned
-from spacenet.stream.records import PendingStore, pack, unpack
+from spacenet.stream.records import pack, unpack
 from spacenet.stream.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-ROW_BITS = 16  # record id = offset << 16 | row within the message
 CAUGHT_UP_TIMEOUT_MS = 5000  # how long an idle-timeout check waits for the broker
 REASON_HEADER, DETAIL_HEADER, SOURCE_HEADER = (
     "spacenet-reject-reason",
@@ -82,26 +80,16 @@ class Service:
         self.tm = telemetry
         self.m = telemetry.metrics
         self.learner = learner or Learner(cfg)
-        self.detector = BoundaryDetector(
-            cfg.min_count,
-            cfg.window,
-            cfg.group_window,
-            cfg.idle_timeout_s or None,
-            cfg.max_task_records or None,
-        )
         self.store = CheckpointStore(state_path(cfg) / "checkpoints", keep=cfg.keep_checkpoints)
-        self.buffer = self._new_buffer()
-        self.pending = PendingStore()
-        self.limits = wire.WireLimits(
-            max_message_bytes=cfg.max_message_bytes,
-            max_records=min(cfg.max_records_per_message, 1 << ROW_BITS),
-            expected_shape=tuple(cfg.input_shape),
-            num_classes_max=None,
+        self.ingest = Ingest.from_config(cfg, self.m, self.dead_letter, state_path(cfg) / "spill")
+        self.detector, self.buffer, self.pending = (
+            self.ingest.detector,
+            self.ingest.buffer,
+            self.ingest.pending,
         )
         self.accuracy_ = AccuracyMatrix()
         self.model_version_ = 0
         self.announced_version_ = 0  # the newest model version known to be on the models topic
-        self.positions_: dict[int, int] = {}
         self.predictor_: Predictor | None = None
         self.stop_ = threading.Event()
         self.ready_reason_ = "starting"
@@ -113,17 +101,6 @@ class Service:
         self._next_checkpoint_try = 0.0
         self._published: Predictor | None = None
         self._steps_before = 0
-
-    def _new_buffer(self) -> TaskBuffer:
-        return TaskBuffer(
-            self.cfg.input_shape,
-            dtype="uint8",
-            max_memory_bytes=self.cfg.max_buffer_bytes,
-            spill_dir=state_path(self.cfg) / "spill",
-            holdout_fraction=self.cfg.holdout_fraction,
-            holdout_max_per_task=self.cfg.holdout_max_per_task,
-            seed=self.cfg.seed,
-        )
 
     # ------------------------------------------------------------------ main loop
     def run(self, restored: bool = False) -> int:
@@ -175,9 +152,9 @@ class Service:
                 ):
                     self.detector.restart_clock(now)
                     return
-                self._gen = self._events(self.detector.tick(now))
+                self._gen = self.ingest.events(self.detector.tick(now))
                 return
-        self._gen = self._handle(self._backlog.popleft())
+        self._gen = self.ingest.handle(self._backlog)
 
     def _caught_up(self) -> bool:
         """Whether the broker answers and every assigned partition is read to its end."""
@@ -199,105 +176,6 @@ class Service:
             self._gen = None
             return
         self._start_training(task, classes)
-
-    # ------------------------------------------------------------ one message
-    def _handle(self, msg: Any) -> Iterator[tuple[int, tuple[int, ...]]]:
-        t0 = time.perf_counter()
-        try:
-            decoded = wire.decode(msg.value, msg.headers, self.limits)
-            if not decoded.is_control and decoded.features.dtype != torch.uint8:
-                raise wire.WireError(wire.RejectReason.DTYPE, "this service is configured for uint8 features")
-        except wire.WireError as e:
-            self.dead_letter(msg.value, msg.key, e.reason.value, e.detail, msg)
-            self.m.rejected(e.reason.value, time.perf_counter() - t0)
-            self.positions_[msg.partition] = msg.offset + 1
-            return
-        self.m.consumed(msg.topic, msg.partition, decoded.num_records, time.perf_counter() - t0)
-        labels = decoded.labels if decoded.labels is not None else np.zeros(0, np.int64)
-        features = (
-            decoded.features.numpy()
-            if decoded.num_records
-            else np.zeros((0, *self.cfg.input_shape), np.uint8)
-        )
-        res = self.detector.observe(
-            labels, marker=decoded.marker, marker_task=decoded.marker_task, now=time.monotonic()
-        )
-        ids = (np.int64(msg.offset) << ROW_BITS) + np.arange(len(labels), dtype=np.int64)
-        parts = np.full(len(labels), msg.partition, np.int64)
-        cursor = 0
-        for event in res.events:
-            self._route(res, features, labels, ids, parts, cursor, event.index)
-            cursor = event.index
-            yield from self._events([event])
-        self._route(res, features, labels, ids, parts, cursor, len(labels))
-        self.positions_[msg.partition] = msg.offset + 1
-        maybe_crash("buffering")
-
-    def _route(
-        self,
-        res: Any,
-        features: np.ndarray,
-        labels: np.ndarray,
-        ids: np.ndarray,
-        parts: np.ndarray,
-        lo: int,
-        hi: int,
-    ) -> None:
-        if hi <= lo:
-            return
-        outcome, tasks = res.outcome[lo:hi], res.task[lo:hi]
-        sl = np.arange(lo, hi)
-        train = sl[outcome == Outcome.TRAIN]
-        if train.size:
-            self._ensure_open(int(tasks[train[0] - lo]))
-            self.buffer.add(features[train], labels[train], ids[train], parts[train])
-            self.m.routed("train", int(train.size))
-        pend = sl[outcome == Outcome.PENDING]
-        if pend.size:
-            self.pending.put(res.first_seq + pend, features[pend], labels[pend], parts[pend], ids[pend])
-            self.m.routed("pending", int(pend.size))
-        late = sl[outcome == Outcome.LATE]
-        for task in np.unique(tasks[late - lo]).tolist() if late.size else []:
-            rows = late[tasks[late - lo] == task]
-            self.buffer.add_late(int(task), features[rows], labels[rows], ids[rows], parts[rows])
-            self.m.routed("late", int(rows.size))
-
-    def _ensure_open(self, task: int) -> None:
-        if self.buffer.task_ != task:
-            self.buffer.start_task(task)
-
-    def _events(self, events: list[Any]) -> Iterator[tuple[int, tuple[int, ...]]]:
-        for event in events:
-            kind = event.kind
-            if kind == EventKind.OPENED:
-                self._ensure_open(int(event.task))
-                self.m.boundary(event.reason.value if event.reason else "new_class")
-                self.m.set_current_task(int(event.task))
-                log.info("task %s opened (%s)", event.task, event.reason)
-            elif kind == EventKind.RELEASED:
-                recs = self.pending.take(event.seqs)
-                self._ensure_open(int(event.task))
-                self.buffer.add(recs.features, recs.labels, recs.ids, recs.partitions)
-            elif kind == EventKind.EXPIRED:
-                recs = self.pending.take(event.seqs)
-                self._dead_letter_records(recs, "unconfirmed_class")
-                self.m.routed("noise", len(recs))
-            elif kind == EventKind.DISAGREEMENT:
-                log.warning("markers and detector disagree: %s (task %s)", event.reason, event.task)
-                self.m.disagreement()
-            elif kind == EventKind.CLOSED:
-                log.info(
-                    "task %s closed (%s), classes %s, %d records",
-                    event.task,
-                    event.reason,
-                    list(event.classes),
-                    len(self.buffer),
-                )
-                if event.reason is not None and event.reason.value in ("timeout", "record_limit"):
-                    self.m.boundary(event.reason.value)
-                if len(self.buffer):
-                    yield int(event.task), tuple(int(c) for c in event.classes)
-                self.buffer.clear()
 
     # ---------------------------------------------------------------- training
     def _start_training(self, task: int, classes: tuple[int, ...]) -> None:
@@ -335,7 +213,7 @@ class Service:
                 len(self.buffer),
             )
             for batch in self.buffer.iter_batches():
-                self._dead_letter_records(batch, "capacity_exhausted")
+                self.ingest.dead_letter_records(batch, "capacity_exhausted")
             self.m.capacity_exhausted(_limiting_layer(result.error))
             self._checkpoint_due = True
             return
@@ -502,13 +380,6 @@ class Service:
         self.producer.send(self.cfg.dead_letter_topic, key=key, value=value or b"", headers=headers)
         self.m.dead_lettered(reason)
 
-    def _dead_letter_records(self, recs: Records, reason: str) -> None:
-        """Well-formed records the service cannot learn: re-encoded, one message per record."""
-        for i in range(len(recs)):
-            value = wire.encode(recs.features[i : i + 1], recs.labels[i : i + 1])
-            src = f"{self.cfg.topic}:{int(recs.partitions[i])}:{int(recs.ids[i]) >> ROW_BITS}"
-            self.dead_letter(value, None, reason, f"record {src}", None)
-
     def _shutdown(self) -> None:
         self.learner.stop_.set()
         if self._job is not None:
@@ -519,6 +390,15 @@ class Service:
         log.info("stopped; last checkpoint is model version %d", self.model_version_)
 
     # ---------------------------------------------------------------- probes
+    @property
+    def positions_(self) -> dict[int, int]:
+        """The offset after the last message handled, per partition."""
+        return self.ingest.positions_
+
+    @positions_.setter
+    def positions_(self, positions: dict[int, int]) -> None:
+        self.ingest.positions_ = positions
+
     @property
     def healthy(self) -> bool:
         """Alive: the loop runs (a failing checkpoint is not fatal: see ``ready``)."""

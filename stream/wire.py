@@ -57,6 +57,8 @@ _CACHE_ENTRIES = 64  # per cache; the oldest entry goes first
 _CACHE_KEY_BYTES = 16 << 10  # a v1 schema plus batch header is about 1 KiB
 _CACHE_LOCK = threading.Lock()
 _CONTINUATION = b"\xff\xff\xff\xff"  # starts each message of an Arrow IPC stream
+_EMPTY = np.empty((0,), np.uint8)
+_EMPTY.flags.writeable = False
 _TAIL_BYTES = 16  # what may follow the batch body in a cached layout: the end-of-stream marker
 
 
@@ -117,10 +119,12 @@ class WireLimits:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Decoded:
-    """One decoded message. ``features`` (and ``labels``, ``tasks``, ``event_time``) share memory
-    with the immutable message value: never write them in place; ``.clone()`` first."""
+    """One decoded message. ``values`` (the features as a read-only numpy array of shape
+    (records, *shape)), ``labels``, ``tasks`` and ``event_time`` share memory with the
+    immutable message value, and so does the ``features`` tensor: never write it in place;
+    ``.clone()`` first."""
 
-    features: torch.Tensor
+    values: npt.NDArray[np.uint8] | npt.NDArray[np.float32]
     labels: npt.NDArray[np.int64] | None
     tasks: npt.NDArray[np.int64] | None
     event_time: npt.NDArray[np.datetime64] | None
@@ -129,6 +133,14 @@ class Decoded:
     marker_task: int | None
     num_records: int
     nbytes: int
+
+    @property
+    def features(self) -> torch.Tensor:
+        """``values`` as a tensor, without a copy."""
+        flat = pa.Array.from_buffers(
+            pa.from_numpy_dtype(self.values.dtype), self.values.size, [None, pa.py_buffer(self.values)]
+        )
+        return from_dlpack(flat).reshape(self.values.shape)
 
     @property
     def is_control(self) -> bool:
@@ -192,8 +204,7 @@ def decode(value: bytes | None, headers: Headers | None, limits: WireLimits) -> 
     if not value:
         _ensure(marker is not None, RejectReason.EMPTY, "empty value without a marker header")
         _ensure(header_version is not None, RejectReason.SCHEMA_VERSION, "control message needs a version")
-        empty = torch.empty((0,), dtype=torch.uint8)
-        return Decoded(empty, None, None, None, (), marker, marker_task, 0, nbytes)
+        return Decoded(_EMPTY, None, None, None, (), marker, marker_task, 0, nbytes)
     learned: _Layout | None = None
     try:
         key = _layout_key(value, header_version, limits)
@@ -208,18 +219,16 @@ def decode(value: bytes | None, headers: Headers | None, limits: WireLimits) -> 
             # The child values in this batch's rows, as a view (validate(full=True) bounded them):
             # what flatten() returns for a column without nulls, without a pyarrow.compute call.
             flat = column.values.slice(column.offset * width, len(column) * width)
-            features = from_dlpack(flat).reshape(rows, *shape)
+            features = flat.to_numpy(zero_copy_only=True).reshape(rows, *shape)
             names = batch.schema.names
             labels = _labels(batch, names, limits)
             tasks = _column(batch, names, "task", RejectReason.TASK)
             event_time = _column(batch, names, "event_time", RejectReason.SCHEMA)
             if key is not None and (labels is not None or "label" not in names):  # no null anywhere
-                learned = _Layout.learn(
-                    value, body, shape, column.type.value_type, features, labels, tasks, event_time
-                )
+                learned = _Layout.learn(value, body, shape, features, labels, tasks, event_time)
     except _DECODE_ERRORS as exc:
         raise WireError(RejectReason.UNDECODABLE, f"{type(exc).__name__}: {exc}"[:300]) from exc
-    finite = features.dtype != torch.float32 or bool(torch.isfinite(features).all())
+    finite = features.dtype != np.float32 or bool(np.isfinite(features).all())
     _ensure(finite, RejectReason.NON_FINITE, "features contain NaN or infinity")
     if learned is not None and key is not None:  # only a message that passed everything
         _remember(_LAYOUT_CACHE, key, learned)
@@ -329,7 +338,7 @@ class _Layout:
     tail: bytes  # what follows the body: the end-of-stream marker, or nothing
     rows: int
     shape: tuple[int, ...]
-    features_type: pa.DataType
+    dtype: np.dtype[Any]  # of the features
     features: int  # byte offsets of each column's values in the message; None: column absent
     label: int | None
     task: int | None
@@ -340,8 +349,7 @@ class _Layout:
         value: bytes,
         body: tuple[int, int],
         shape: tuple[int, ...],
-        features_type: pa.DataType,
-        features: torch.Tensor,
+        features: npt.NDArray[Any],
         labels: npt.NDArray[Any] | None,
         tasks: npt.NDArray[Any] | None,
         event_time: npt.NDArray[Any] | None,
@@ -353,11 +361,11 @@ class _Layout:
             return None
         base = pa.py_buffer(value).address
         where = [
-            features.data_ptr() - base,
+            features.ctypes.data - base,
             *(None if a is None else a.ctypes.data - base for a in (labels, tasks, event_time)),
         ]
         sizes = [
-            features.numel() * features.element_size(),
+            features.nbytes,
             *(0 if a is None else a.nbytes for a in (labels, tasks, event_time)),
         ]
         if any(
@@ -368,19 +376,15 @@ class _Layout:
         feature_at, label_at, task_at, time_at = where
         assert feature_at is not None
         return _Layout(
-            value[end:], len(features), shape, features_type, feature_at, label_at, task_at, time_at
+            value[end:], len(features), shape, features.dtype, feature_at, label_at, task_at, time_at
         )
 
-    def columns(self, value: bytes, limits: WireLimits) -> tuple[torch.Tensor, Any, Any, Any]:
+    def columns(self, value: bytes, limits: WireLimits) -> tuple[npt.NDArray[Any], Any, Any, Any]:
         """Features, labels, task ids and event times of ``value``, a message of this layout, as
         views of it; labels and task ids are checked as ``_labels`` and ``_column`` do."""
         n = self.rows
         count = n * math.prod(self.shape)
-        size = count * self.features_type.bit_width // 8
-        flat = pa.Array.from_buffers(
-            self.features_type, count, [None, pa.py_buffer(value).slice(self.features, size)]
-        )
-        features = from_dlpack(flat).reshape(n, *self.shape)
+        features = np.frombuffer(value, self.dtype, count, self.features).reshape(n, *self.shape)
         if self.label is None:
             _ensure(not limits.require_label, RejectReason.LABEL_MISSING, "record without a label")
             labels = None

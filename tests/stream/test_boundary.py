@@ -349,3 +349,90 @@ def test_restart_clock_keeps_a_pause_from_closing_the_task() -> None:
     det.restart_clock(100.0)  # e.g. the service trained a task from t=0 to t=100
     assert det.tick(104.0) == []
     assert [e.reason.value for e in det.tick(106.0) if e.reason is not None] == ["timeout"]
+
+
+long_step = st.tuples(
+    st.lists(st.integers(0, 5), max_size=40),
+    st.sampled_from([None, None, None, None, Marker.START, Marker.END]),
+    st.one_of(st.none(), st.integers(0, 3)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(long_step, max_size=30),
+    min_count=st.integers(1, 4),
+    window=st.integers(4, 30),
+    group_window=st.integers(0, 12),
+    limit=st.one_of(st.none(), st.integers(1, 40)),
+)
+def test_bulk_runs_decide_exactly_as_record_by_record(steps, min_count, window, group_window, limit) -> None:
+    """``observe`` assigns runs of the open task's classes in one step; every outcome, task,
+    event (with its index) and the state afterwards must equal the one-record-at-a-time path."""
+    bulk = BoundaryDetector(min_count, window, group_window, 2.5, limit)
+    single = BoundaryDetector(min_count, window, group_window, 2.5, limit)
+    single._bulk = False
+    for i, (labels, marker, task) in enumerate(steps):
+        batch = np.array(labels, np.int64)
+        a = bulk.observe(batch, marker, task, now=float(i))
+        b = single.observe(batch, marker, task, now=float(i))
+        assert (a.first_seq, a.outcome.tolist(), a.task.tolist(), a.events) == (
+            b.first_seq,
+            b.outcome.tolist(),
+            b.task.tolist(),
+            b.events,
+        )
+    assert bulk.state_dict() == single.state_dict()
+
+
+def test_bulk_runs_on_a_long_noisy_stream_match_record_by_record() -> None:
+    rng = np.random.default_rng(3)
+    labels = class_incremental(rng)
+    noisy = np.where(rng.random(len(labels)) < 0.05, rng.integers(0, 10, len(labels)), labels)
+    bulk, single = BoundaryDetector(), BoundaryDetector(max_task_records=None)
+    single._bulk = False
+    for lo in range(0, len(noisy), 500):
+        a, b = bulk.observe(noisy[lo : lo + 500]), single.observe(noisy[lo : lo + 500])
+        assert (a.outcome.tolist(), a.task.tolist(), a.events) == (
+            b.outcome.tolist(),
+            b.task.tolist(),
+            b.events,
+        )
+    assert bulk.state_dict() == single.state_dict() and len(bulk.task_classes_) == 5
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(long_step, max_size=30),
+    probe=st.lists(st.integers(0, 5), max_size=40),
+    min_count=st.integers(1, 4),
+    window=st.integers(4, 30),
+    limit=st.one_of(st.none(), st.integers(1, 40)),
+)
+def test_trains_all_is_true_only_when_observe_trains_everything(
+    steps, probe, min_count, window, limit
+) -> None:
+    """``trains_all`` lets the service skip per-message work: where it says True, observing the
+    batch must train every record in the open task and emit nothing; it must change nothing."""
+    det = BoundaryDetector(min_count, window, 3, 2.5, limit)
+    for i, (labels, marker, task) in enumerate(steps):
+        det.observe(np.array(labels, np.int64), marker, task, now=float(i))
+        batch = np.array(probe, np.int64)
+        before = det.state_dict()
+        says = det.trains_all(batch, now=i + 0.5)
+        assert det.state_dict() == before
+        if says:
+            out = det.observe(batch, now=i + 0.5)
+            assert not out.events and (out.outcome == Outcome.TRAIN).all()
+            assert set(out.task.tolist()) == {det.current_task_}
+
+
+def test_trains_all_holds_for_most_of_a_clean_stream() -> None:
+    """On split MNIST's label order the fast path covers all but the messages near boundaries."""
+    labels = class_incremental(np.random.default_rng(0), per_task=12000)
+    det, fast = BoundaryDetector(), 0
+    for lo in range(0, len(labels), 64):
+        batch = labels[lo : lo + 64]
+        fast += det.trains_all(batch)
+        det.observe(batch)
+    assert fast >= len(labels) // 64 - 5 * 20

@@ -294,3 +294,22 @@ def test_add_keeps_copies_so_callers_may_reuse_their_arrays() -> None:
     assert sorted([*ids.tolist(), *held.ids.tolist()]) == list(range(120))
     np.testing.assert_array_equal(x, records(0, 120)[0][ids])
     np.testing.assert_array_equal(held.features, records(0, 120)[0][held.ids])
+
+
+def test_add_blocks_splits_and_stores_exactly_as_add(tmp_path: Path) -> None:
+    x, y, ids = records(0, 3000)
+    ids = ids * 7
+    blocks = [x[lo:hi] for lo, hi in [(0, 64), (64, 65), (65, 1000), (1000, 1000), (1000, 3000)]]
+    one = TaskBuffer((1, 4, 4), "uint8", holdout_fraction=0.2, holdout_max_per_task=300, seed=5)
+    many = TaskBuffer((1, 4, 4), "uint8", holdout_fraction=0.2, holdout_max_per_task=300, seed=5)
+    for buf in (one, many):
+        buf.start_task(2)
+    one.add(x, y, ids)
+    many.add_blocks(blocks, y, ids)
+    for a, b in zip(one.iter_batches(), many.iter_batches(), strict=True):
+        for field in ("features", "labels", "partitions", "ids"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    for field in ("features", "labels", "ids"):
+        np.testing.assert_array_equal(getattr(one.holdout(2), field), getattr(many.holdout(2), field))
+    with pytest.raises(TypeError):
+        many.add_blocks([x[:2].astype(np.float32)], y[:2], ids[:2])

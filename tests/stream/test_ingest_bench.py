@@ -15,41 +15,32 @@ from spacenet.stream.ingest_bench import CONSUMER_CONFIG, IngestSink, PlainSink,
 
 
 def fake_record(offset: int, value: bytes, headers: list[tuple[str, bytes]]) -> SimpleNamespace:
-    return SimpleNamespace(offset=offset, partition=0, value=value, headers=headers)
+    return SimpleNamespace(topic="t", partition=0, offset=offset, key=None, value=value, headers=headers)
 
 
-def test_ingest_sink_decodes_buffers_and_follows_task_markers(tmp_path: Path) -> None:
+def test_ingest_sink_runs_the_service_ingest_detecting_tasks_without_markers(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (40, 1, 28, 28), dtype=np.uint8)
-    labels = np.repeat([0, 1, 2, 3], 10)
+    # two tasks of 600 records: the service's default group window joins classes within 500
+    labels = np.concatenate([rng.permutation(np.repeat(pair, 300)) for pair in ([0, 1], [2, 3])])
+    images = rng.integers(0, 256, (1200, 1, 28, 28), dtype=np.uint8)
+    values = [wire.encode(images[i : i + 20], labels[i : i + 20]) for i in range(0, 1200, 20)]
+    values.insert(12, b"not arrow")
+    records = [fake_record(i, value, wire.make_headers()) for i, value in enumerate(values)]
+    sink = IngestSink("t", str(tmp_path), max_memory_bytes=1 << 20)
+    sink(records[:40])  # one poll spanning the task boundary
+    assert [(t, sorted(c)) for t, c in sink.closed] == [(0, [0, 1])] and sink.ingest.buffer.task_ == 1
+    sink(records[40:])
+    assert (sink.messages, sink.records, sink.rejected) == (61, 1200, 1)
+    buffer = sink.ingest.buffer
+    assert buffer.holdout_tasks == [0, 1] and not len(sink.ingest.pending)
+    kept = np.concatenate([b.labels for b in buffer.iter_batches()] + [buffer.holdout(1).labels])
+    assert sorted(kept.tolist()) == [2] * 300 + [3] * 300  # task 0's training records were cleared
+    ids = np.concatenate([b.ids for b in buffer.iter_batches()] + [buffer.holdout(1).ids])
+    assert len(set(ids.tolist())) == 600  # one stable id per record
 
-    def message(
-        rows: slice, marker: wire.Marker | None = None, task: int | None = None
-    ) -> tuple[bytes, list]:
-        return wire.encode(images[rows], labels[rows]), wire.make_headers(marker, task)
-
-    stream = [
-        message(slice(0, 10), wire.Marker.TASK_START, 0),
-        message(slice(10, 20), wire.Marker.TASK_END, 0),
-        (b"not arrow", wire.make_headers()),
-        message(slice(20, 30), wire.Marker.TASK_START, 1),
-        message(slice(30, 40)),
-    ]
-    records = [fake_record(i, value, headers) for i, (value, headers) in enumerate(stream)]
-    sink = IngestSink(str(tmp_path), max_memory_bytes=1 << 20)
-    sink(records[:4])  # one poll spanning a task boundary
-    assert sink.buffer.task_ == 1
-    sink(records[4:])
-    assert (sink.messages, sink.records, sink.rejected) == (5, 40, 1)
-    assert sink.buffer.holdout_tasks == [0, 1]
-    kept = np.concatenate([b.labels for b in sink.buffer.iter_batches()] + [sink.buffer.holdout(1).labels])
-    assert sorted(kept.tolist()) == [2] * 10 + [3] * 10  # task 0's training records were cleared
-    ids = np.concatenate([b.ids for b in sink.buffer.iter_batches()] + [sink.buffer.holdout(1).ids])
-    assert len(set(ids.tolist())) == 20  # one stable id per record
-
-    plain = PlainSink(40)
+    plain = PlainSink(1200)
     plain(records)
-    assert plain.messages == 5 and plain.bytes == sum(len(v) for v, _ in stream)
+    assert plain.messages == 61 and plain.bytes == sum(len(v) for v in values)
 
 
 def test_ingest_bench_harness_writes_both_rates(
