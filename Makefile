@@ -15,8 +15,8 @@ kafka-jars: system-deps
 	@python3 deploy/kafka/local_kafka.py fetch >/dev/null
 
 lint: setup
-	.venv/bin/ruff check $(CODE) tests deploy
-	.venv/bin/ruff format --check $(CODE) tests deploy
+	.venv/bin/ruff check $(CODE) tests deploy scripts
+	.venv/bin/ruff format --check $(CODE) tests deploy scripts
 	scripts/mypy.sh
 
 # Default test run: quality gates, unit tests, and integration tests against a real

@@ -68,6 +68,20 @@ def seed_everything(seed: int) -> None:
     RNGManager.set_random_seeds(seed)
 
 
+def seed_experience(seed: int, index: int) -> None:
+    """Seed torch's global RNG for training experience ``index`` (0, 1, ...) of a run with
+    ``seed``: what one experience's training draws (the loader's shuffling) then depends on
+    the seed and the experience alone, not on what ran before it (evaluations draw from the
+    same RNG). The benchmark runner and the streaming service both call it, so the service
+    trains a task exactly as the runner trains the same experience.
+
+    >>> seed_experience(3, 1); a = torch.rand(1)
+    >>> seed_experience(3, 1); bool(torch.equal(a, torch.rand(1)))
+    True
+    """
+    torch.manual_seed(seed * 1_000_003 + index)
+
+
 def make_model(info: BenchmarkInfo) -> nn.Module:
     """``SpaceNetMLP`` for 28x28 grey images, ``SmallCNN`` for CIFAR."""
     model: nn.Module
@@ -213,5 +227,6 @@ __all__ = [
     "build_strategy",
     "make_model",
     "seed_everything",
+    "seed_experience",
     "spacenet_kwargs",
 ]

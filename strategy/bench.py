@@ -64,6 +64,7 @@ from spacenet.strategy.baselines import (
     build_strategy,
     make_model,
     seed_everything,
+    seed_experience,
     spacenet_kwargs,
 )
 from spacenet.strategy.benchmarks import BENCHMARKS, build_benchmark
@@ -158,6 +159,7 @@ def run_one(config: RunConfig) -> dict[str, Any]:
         disable=not config.progress,
     )
     for i, exp in enumerate(bar):
+        seed_experience(config.seed, i)
         t0 = time.perf_counter()
         strategy.train(exp)
         train_seconds += time.perf_counter() - t0

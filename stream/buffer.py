@@ -120,12 +120,20 @@ class RecordDataset(Dataset[tuple[torch.Tensor, int]]):
     """Random access to record segments as ``(float32 features * scale, label)``;
     ``targets`` holds all labels (what Avalanche's classification datasets look for)."""
 
-    def __init__(self, segments: Sequence[Records], shape: tuple[int, ...], scale: float) -> None:
+    def __init__(
+        self,
+        segments: Sequence[Records],
+        shape: tuple[int, ...],
+        scale: float,
+        order: npt.NDArray[np.intp] | None = None,
+    ) -> None:
         self._segments = [s for s in segments if len(s)]
         self._ends = np.cumsum([len(s) for s in self._segments]).tolist()
         self._shape, self._scale = shape, scale
         labels = [s.labels for s in self._segments]
-        self.targets = torch.from_numpy(np.concatenate(labels) if labels else np.empty(0, np.int64))
+        targets = np.concatenate(labels) if labels else np.empty(0, np.int64)
+        self._order = order  # record i is row order[i] of the segments laid end to end
+        self.targets = torch.from_numpy(targets if order is None else targets[order])
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -134,6 +142,8 @@ class RecordDataset(Dataset[tuple[torch.Tensor, int]]):
         i = index + len(self) if index < 0 else index
         if not 0 <= i < len(self):
             raise IndexError(f"record {index} out of range for {len(self)} records")
+        if self._order is not None:
+            i = int(self._order[i])
         k = bisect.bisect_right(self._ends, i)
         seg, row = self._segments[k], i - (self._ends[k - 1] if k else 0)
         x = torch.from_numpy(seg.features[row].astype(np.float32)).reshape(self._shape)
@@ -384,10 +394,19 @@ class TaskBuffer:
         for chunk in self._chunks:
             yield chunk if isinstance(chunk, Records) else chunk.records()
 
-    def dataset(self, scale: float | None = None) -> RecordDataset:
+    def dataset(self, scale: float | None = None, stream_order: bool = False) -> RecordDataset:
         """The training records as a torch Dataset over memory-mapped spill files; ``scale``
-        defaults to 1/255 for uint8 features (as torchvision's ToTensor) and 1 for float32."""
-        return RecordDataset(list(self.iter_batches()), self.feature_shape, self._scale(scale))
+        defaults to 1/255 for uint8 features (as torchvision's ToTensor) and 1 for float32.
+        ``stream_order``: ordered by (partition, id), e.g. the order of the records in the
+        stream, rather than the order they became training records (records held back by
+        boundary detection arrive late)."""
+        batches = list(self.iter_batches())
+        order = None
+        if stream_order and batches:
+            parts = np.concatenate([b.partitions for b in batches])
+            ids = np.concatenate([b.ids for b in batches])
+            order = np.lexsort((ids, parts))
+        return RecordDataset(batches, self.feature_shape, self._scale(scale), order)
 
     @property
     def holdout_tasks(self) -> list[int]:

@@ -165,6 +165,9 @@ def run(args: argparse.Namespace, bootstrap: str, work: Path, out: Path) -> int:
             f"[demo] {series} spacenet_* series on :{metrics_port}/metrics, saved to {out / 'metrics.prom'}"
         )
         report = {
+            "seed": args.seed,
+            "dataset": args.dataset,
+            "serve_settings": args.set,  # the --set NAME=VALUE overrides, in order
             "topic": topic,
             "expected_tasks": expected,
             "events": events,
@@ -208,9 +211,10 @@ def wait_for_models(
                 event["new_classes"] = sorted(set(event["classes"]) - known)
                 known |= set(event["classes"])
                 events.append(event)
+                held_out = event["final_accuracy"]  # None when the service holds nothing out
                 print(
-                    f"[demo] model v{event['model_version']}: classes {event['new_classes']} learned "
-                    f"(held-out accuracy so far {event['final_accuracy']:.3f})"
+                    f"[demo] model v{event['model_version']}: classes {event['new_classes']} learned"
+                    + (f" (held-out accuracy so far {held_out:.3f})" if held_out is not None else "")
                 )
         if events and events[-1]["tasks_learned"] >= tasks:
             return events

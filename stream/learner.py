@@ -27,6 +27,7 @@ from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from spacenet.strategy.baselines import seed_experience
 from spacenet.strategy.calibration import TaskLogitNorm
 from spacenet.strategy.models import SpaceNetMLP
 from spacenet.strategy.spacenet import ExhaustedPolicy
@@ -41,17 +42,19 @@ class TrainingAbandoned(RuntimeError):
 
 
 class Standardize(nn.Module):
-    """(x * scale - mean) / std, kept inside the model so a checkpoint carries it."""
+    """(x * scale - mean) / std, kept inside the model so a checkpoint carries it; computed
+    as (x / (1 / scale) - mean) / std in float32, bit for bit what the offline benchmarks
+    do to their images (``x / 255``, then mean and std), so that both paths train alike."""
 
     def __init__(self, scale: float, mean: float, std: float) -> None:
         super().__init__()
-        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("divisor", torch.tensor(1.0 / float(scale)))
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
 
     def forward(self, x: Tensor) -> Tensor:
-        scale, mean, std = self.scale, self.mean, self.std
-        return (x.float() * scale - mean) / std  # type: ignore[operator]
+        divisor, mean, std = self.divisor, self.mean, self.std
+        return (x.float() / divisor - mean) / std  # type: ignore[operator]
 
 
 def build_model(cfg: ServiceConfig) -> nn.Sequential:
@@ -172,7 +175,7 @@ class Learner:
             shuffle=False,
             fixed_class_order=sorted(classes),
         )
-        torch.manual_seed(self.cfg.seed + self.spacenet.tasks_learned_)
+        seed_experience(self.cfg.seed, self.spacenet.tasks_learned_)  # as the offline runner does
         start = time.perf_counter()
         self.strategy.train(bench.train_stream[0], num_workers=0)
         if self.stop_.is_set():

@@ -1,10 +1,10 @@
 """``spacenet produce``: publish a labeled dataset to Kafka as a class-incremental stream.
 
 The classes, in ``--class-order``, are cut into tasks of ``--classes-per-task``; every record
-of task 0 is sent (shuffled within the task by ``--seed``), then every record of task 1, and
-so on. Each Kafka message is one wire-v1 value (``docs/wire-format.md``) of at most
-``--records-per-message`` records of a single task: features as they are stored (uint8
-1x28x28 for MNIST, never normalised), labels int64.
+of task 0 is sent (its classes interleaved at random by ``--seed``, each class in dataset
+order), then every record of task 1, and so on. Each Kafka message is one wire-v1 value
+(``docs/wire-format.md``) of at most ``--records-per-message`` records of a single task:
+features as they are stored (uint8 1x28x28 for MNIST, never normalised), labels int64.
 
 * **Markers** (``--markers``): the first message of a task carries ``task-start`` and its last
   message ``task-end`` (headers on the data messages). A task that fits in one message gets
@@ -121,9 +121,19 @@ def plan_tasks(
     seed: int = 0,
     limit_per_class: int | None = None,
 ) -> list[TaskPlan]:
-    """Cut ``class_order`` (default: the sorted labels) into tasks and list each task's rows,
-    shuffled by ``seed`` (each task with its own generator). Classes left out of an explicit
-    order are not sent; ``limit_per_class`` keeps each class's first rows in dataset order."""
+    """Cut ``class_order`` (default: the sorted labels) into tasks and list each task's rows:
+    its classes interleaved at random by ``seed`` (each task with its own generator), each
+    class's rows in dataset order. Classes left out of an explicit order are not sent;
+    ``limit_per_class`` keeps each class's first rows.
+
+    Keeping each class in dataset order makes a task's records, taken class by class, the
+    same sequence as the offline benchmark's experience (Avalanche lists an experience's
+    records class by class, each in dataset order), so the service can train a task exactly
+    as the benchmark runner trains that experience.
+
+    >>> plan_tasks(np.array([0, 1, 0, 1, 0, 1]), classes_per_task=2, seed=1)[0].rows.tolist()
+    [1, 0, 2, 4, 3, 5]
+    """
     y = np.asarray(labels)
     present = np.unique(y).tolist()
     order = list(present if class_order is None else class_order)
@@ -136,9 +146,13 @@ def plan_tasks(
     plans = []
     for task, start in enumerate(range(0, len(order), classes_per_task)):
         classes = tuple(int(c) for c in order[start : start + classes_per_task])
-        rows = np.concatenate([np.flatnonzero(y == c)[:limit_per_class] for c in classes])
-        np.random.default_rng([seed, task]).shuffle(rows)
-        plans.append(TaskPlan(task, classes, rows.astype(np.intp)))
+        per_class = [np.flatnonzero(y == c)[:limit_per_class] for c in classes]
+        slots = np.repeat(np.arange(len(classes)), [len(r) for r in per_class])
+        np.random.default_rng([seed, task]).shuffle(slots)  # which class each position takes
+        rows = np.empty(len(slots), np.intp)
+        for k, class_rows in enumerate(per_class):
+            rows[slots == k] = class_rows
+        plans.append(TaskPlan(task, classes, rows))
     return plans
 
 

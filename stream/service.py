@@ -187,7 +187,8 @@ class Service:
     def _train(self, task: int, classes: tuple[int, ...]) -> TaskResult:
         """Runs in the worker thread; the main thread does not touch the buffer meanwhile."""
         try:
-            seconds = self.learner.train_task(self.buffer.dataset(scale=1.0), list(classes))
+            dataset = self.buffer.dataset(scale=1.0, stream_order=True)  # the partition order
+            seconds = self.learner.train_task(dataset, list(classes))
         except (CapacityExhaustedError, TrainingAbandoned) as e:
             return TaskResult(task, classes, 0.0, {}, e)
         held_out = {t: self.buffer.holdout_dataset(t, scale=1.0) for t in self.buffer.holdout_tasks}

@@ -1,6 +1,8 @@
 """``spacenet demo`` (the README's main job) end to end on a small slice of split MNIST,
 against the session's real broker: it must detect the five tasks, score the live
-service's prediction replies and leave its summary and final metrics scrape behind."""
+service's prediction replies, leave its summary and final metrics scrape behind, and,
+holding nothing out, learn exactly what the offline benchmark runner learns from the same
+records with the same seed and settings."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from spacenet.strategy.baselines import TrainSettings
+from spacenet.strategy.bench import RunConfig, run_one
 
 
 @pytest.mark.timeout(600)
@@ -42,6 +48,9 @@ def test_demo_on_a_small_slice(kafka_bootstrap: str, tmp_path: Path) -> None:
         "window=300",
         "--set",
         "group_window=100",
+        # every record trains, as in the offline runner
+        "--set",
+        "holdout_fraction=0",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=580)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -57,3 +66,18 @@ def test_demo_on_a_small_slice(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert "spacenet_model_version 5.0" in metrics
     assert 'spacenet_task_boundaries_total{reason="new_class"} 5.0' in metrics
     assert "detected tasks [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]: as streamed" in done.stdout
+
+    # The offline runner on the same records (the first 500 of each class), same settings
+    runner = run_one(
+        RunConfig(
+            "split_mnist",
+            "spacenet",
+            seed=0,
+            settings=TrainSettings(epochs=5, lr=0.05),
+            subset_per_class=500,
+            threads=torch.get_num_threads(),  # run_one sets it for this process
+            progress=False,
+        )
+    )
+    assert test["final_accuracy"] == pytest.approx(runner["final_accuracy"], abs=1e-6)
+    assert test["accuracy_all"] == pytest.approx(runner["sample_accuracy"], abs=1e-6)

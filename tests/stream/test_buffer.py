@@ -313,3 +313,20 @@ def test_add_blocks_splits_and_stores_exactly_as_add(tmp_path: Path) -> None:
         np.testing.assert_array_equal(getattr(one.holdout(2), field), getattr(many.holdout(2), field))
     with pytest.raises(TypeError):
         many.add_blocks([x[:2].astype(np.float32)], y[:2], ids[:2])
+
+
+def test_dataset_in_stream_order_sorts_by_partition_then_id() -> None:
+    buf = TaskBuffer((1, 4, 4), "uint8", holdout_fraction=0.0)
+    buf.start_task(0)
+    x, y, ids = records(0, 30)
+    late = [3, 1, 4]  # e.g. pending records released after later ones
+    first = [i for i in range(30) if i not in late]
+    buf.add(x[first], y[first], ids[first], np.where(np.array(first) < 20, 0, 1))
+    buf.add(x[late], y[late], ids[late])  # partition 0
+    plain, ordered = buf.dataset(scale=1.0), buf.dataset(scale=1.0, stream_order=True)
+    assert plain.targets.tolist() == y[first + late].tolist()
+    key = sorted(range(30), key=lambda i: (int(i >= 20 and i not in late), i))
+    assert ordered.targets.tolist() == y[key].tolist()
+    for i, row in enumerate(key):
+        features, label = ordered[i]
+        assert label == y[row] and torch.equal(features, torch.from_numpy(x[row].astype(np.float32)))

@@ -71,13 +71,17 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 
 # ---- pure planning --------------------------------------------------------------------
-def test_plan_tasks_groups_classes_shuffles_within_tasks_and_is_seeded() -> None:
+def test_plan_tasks_groups_classes_interleaves_them_in_dataset_order_and_is_seeded() -> None:
     labels = np.repeat(np.arange(5), 10)
     plans = plan_tasks(labels, classes_per_task=2, class_order=[4, 0, 3, 1, 2], seed=7, limit_per_class=4)
     assert [p.classes for p in plans] == [(4, 0), (3, 1), (2,)]
     for plan in plans:
         assert sorted(labels[plan.rows].tolist()) == sorted(np.repeat(plan.classes, 4).tolist())
-    assert plans[0].rows.tolist() != sorted(plans[0].rows.tolist())  # shuffled
+    assert labels[plans[0].rows].tolist() != sorted(labels[plans[0].rows].tolist())  # classes interleaved
+    for plan in plans:  # each class in dataset order
+        for c in plan.classes:
+            rows = plan.rows[labels[plan.rows] == c]
+            assert rows.tolist() == np.flatnonzero(labels == c)[:4].tolist()
     again = plan_tasks(labels, classes_per_task=2, class_order=[4, 0, 3, 1, 2], seed=7, limit_per_class=4)
     assert all((a.rows == b.rows).all() for a, b in zip(plans, again, strict=True))
     with pytest.raises(ValueError, match="distinct classes"):
