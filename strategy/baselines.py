@@ -117,17 +117,36 @@ def _common(model: nn.Module, s: TrainSettings, plugins: list[Any], evaluator: A
     }
 
 
-def _spacenet(freeze_used_biases: bool = False, calibrate: bool = False) -> StrategyFactory:
+def scale_hidden_budget(connections: Sequence[int | float], factor: float) -> tuple[int | float, ...]:
+    """The hidden layers' connection budgets times ``factor`` (a density stays at most 1); the
+    output layer's (the last) unchanged.
+
+    >>> scale_hidden_budget((10000, 1640, 80), 2.0), scale_hidden_budget((0.6, 80), 2.0)
+    ((20000, 3280, 80), (1.0, 80))
+    """
+    scaled = [min(1.0, c * factor) if isinstance(c, float) else round(c * factor) for c in connections[:-1]]
+    return (*scaled, connections[-1])
+
+
+def _spacenet(
+    freeze_used_biases: bool = False, calibrate: bool = False, hidden_budget: float = 1.0
+) -> StrategyFactory:
     def build(model: nn.Module, s: TrainSettings, seed: int, plugins: list[Any], evaluator: Any) -> Any:
         from avalanche.training import Naive
 
         from spacenet.strategy.plugin import SpaceNetPlugin
+        from spacenet.strategy.spacenet import PAPER_CONNECTIONS
 
+        kwargs = spacenet_kwargs(model, s.n_experiences)
+        if hidden_budget != 1.0:
+            kwargs["connections"] = scale_hidden_budget(
+                kwargs.get("connections", PAPER_CONNECTIONS), hidden_budget
+            )
         plugin = SpaceNetPlugin(
             seed=seed,
             freeze_used_biases=freeze_used_biases,
             calibration=TaskLogitNorm() if calibrate else None,
-            **spacenet_kwargs(model, s.n_experiences),
+            **kwargs,
         )
         return Naive(**_common(model, s, [plugin, *plugins], evaluator))
 
@@ -166,6 +185,11 @@ REGISTRY: dict[str, Baseline] = {
             "spacenet_plus",
             _spacenet(freeze_used_biases=True, calibrate=True),
             "SpaceNet, frozen used biases and per-task logit normalisation",
+        ),
+        Baseline(
+            "spacenet_2x",
+            _spacenet(hidden_budget=2.0),
+            "SpaceNet with twice the paper's connection budget in each hidden layer",
         ),
         Baseline("naive", _avalanche("Naive"), "fine-tuning, no protection (lower bound)"),
         Baseline(

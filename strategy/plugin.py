@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from spacenet.strategy.calibration import TaskLogitNorm
 from spacenet.strategy.capacity import CapacityReport
-from spacenet.strategy.spacenet import ExhaustedPolicy, SpaceNet
+from spacenet.strategy.spacenet import PAPER_CONNECTIONS, ExhaustedPolicy, SpaceNet
 
 
 def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
@@ -43,7 +43,7 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
         self,
         n_select: int | Sequence[int] = 80,
         n_reserve: int | Sequence[int] = 40,
-        connections: Sequence[int | float] = (10000, 1640, 80),
+        connections: Sequence[int | float] = PAPER_CONNECTIONS,
         drop_fraction: float = 0.2,
         seed: int = 0,
         on_exhausted: ExhaustedPolicy = "error",

@@ -26,6 +26,7 @@ from spacenet.strategy.layers import FREE, SparseLayer
 
 ExhaustedPolicy = Literal["error", "shrink"]
 STATE_VERSION = 1
+PAPER_CONNECTIONS: tuple[int, ...] = (10000, 1640, 80)  # the reference code's budgets, split MNIST MLP
 
 
 def _per_layer(value: int | float | Sequence[int | float], n: int, what: str) -> list[int | float]:
@@ -62,7 +63,7 @@ class SpaceNet:
         self,
         n_select: int | Sequence[int] = 80,
         n_reserve: int | Sequence[int] = 40,
-        connections: Sequence[int | float] = (10000, 1640, 80),
+        connections: Sequence[int | float] = PAPER_CONNECTIONS,
         drop_fraction: float = 0.2,
         seed: int = 0,
         on_exhausted: ExhaustedPolicy = "error",

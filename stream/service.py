@@ -2,7 +2,7 @@
 
 One thread owns the training consumer. Each message is decoded and validated (bad
 ones go to the dead-letter topic with a reason), fed to the boundary detector and
-routed: training records into the task buffer, pending ones aside, late ones into
+routed (``ingest.py``): training records into the task buffer, pending ones aside, late ones into
 their task's held-out sample. When a task closes, its partitions are paused and a
 worker thread trains it while this thread keeps polling (so the group membership
 holds); then every task's held-out sample is scored, a checkpoint is written, the

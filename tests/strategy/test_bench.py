@@ -151,10 +151,10 @@ def test_markdown_table_caveats_and_failures(tmp_path: Path) -> None:
 
 
 def test_registry_has_the_issue_strategies() -> None:
-    expected = {"spacenet", "spacenet_fb", "spacenet_cal", "spacenet_plus", "naive", "ewc", "si", "lwf",
-                "replay", "replay1000", "gem", "agem", "gdumb", "cumulative"}  # fmt: skip
+    expected = {"spacenet", "spacenet_fb", "spacenet_cal", "spacenet_plus", "spacenet_2x", "naive", "ewc",
+                "si", "lwf", "replay", "replay1000", "gem", "agem", "gdumb", "cumulative"}  # fmt: skip
     assert set(REGISTRY) == expected
-    assert {"spacenet", "spacenet_fb", "spacenet_cal", "spacenet_plus"} == SPACENET_VARIANTS
+    assert {"spacenet", "spacenet_fb", "spacenet_cal", "spacenet_plus", "spacenet_2x"} == SPACENET_VARIANTS
     assert all(REGISTRY[name].caveat for name in ("si", "ewc", "lwf"))
 
 
@@ -290,3 +290,9 @@ def test_metrics_port_serves_the_runs_avalanche_metrics() -> None:
         server.shutdown()
         server.server_close()
     assert "spacenet_bench_metric{" in body and "0.75" in body
+
+
+def test_spacenet_2x_doubles_the_hidden_budgets_only() -> None:
+    strategy = build_strategy("spacenet_2x", SpaceNetMLP(), TrainSettings(), seed=0)
+    plugin = next(p for p in strategy.plugins if type(p).__name__ == "SpaceNetPlugin")
+    assert tuple(plugin.spacenet.connections) == (20000, 3280, 80)
