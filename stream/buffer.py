@@ -25,6 +25,7 @@ forgetting later, and ``save_holdout`` / ``load_holdout`` carry them in checkpoi
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 import os
@@ -87,13 +88,31 @@ class Records:
 _FIELDS = ("features", "labels", "partitions", "ids")
 
 
+def _gather(
+    blocks: Sequence[npt.NDArray[Any]], starts: npt.NDArray[np.intp], rows: npt.NDArray[np.intp]
+) -> npt.NDArray[Any]:
+    """Rows ``rows`` (ascending positions in the blocks laid end to end, block b starting at
+    ``starts[b]``) copied into one new array: one fancy index per block that has any."""
+    first = blocks[0]
+    out = np.empty((len(rows), *first.shape[1:]), first.dtype)
+    which = np.searchsorted(starts, rows, side="right") - 1  # each row's block
+    local = rows - starts[which]
+    edges = [0, *(np.flatnonzero(np.diff(which)) + 1).tolist(), len(rows)]
+    for a, b in itertools.pairwise(edges):
+        if b > a:
+            out[a:b] = blocks[which[a]][local[a:b]]
+    return out
+
+
 @dataclass(frozen=True)
 class _Blocks:
     """Training records whose features stay in the caller's read-only blocks (e.g. views of
-    immutable Kafka message values), kept by reference: ``rows[b]`` are block b's records."""
+    immutable Kafka message values), kept by reference: ``rows`` are their positions in
+    the blocks laid end to end (block b starts at ``starts[b]``)."""
 
     blocks: list[npt.NDArray[Any]]
-    rows: list[npt.NDArray[np.intp]]
+    starts: npt.NDArray[np.intp]
+    rows: npt.NDArray[np.intp]
     labels: npt.NDArray[np.int64]
     partitions: npt.NDArray[np.int32]
     ids: npt.NDArray[np.int64]
@@ -104,16 +123,12 @@ class _Blocks:
     @property
     def nbytes(self) -> int:
         """Bytes kept alive: whole blocks (rows held out included), labels, ids."""
-        return (
-            sum(b.nbytes for b in self.blocks) + self.labels.nbytes + self.partitions.nbytes + self.ids.nbytes
-        )
+        columns = self.labels.nbytes + self.partitions.nbytes + self.ids.nbytes
+        return sum(b.nbytes for b in self.blocks) + columns
 
     def records(self) -> Records:
         """The records, copied into one array (at read time, off the ingest path)."""
-        parts = [np.take(b, r, axis=0) for b, r in zip(self.blocks, self.rows, strict=True)]
-        shape = self.blocks[0].shape[1:] if self.blocks else ()
-        features = np.concatenate(parts) if parts else np.empty((0, *shape), np.uint8)
-        return Records(features, self.labels, self.partitions, self.ids)
+        return Records(_gather(self.blocks, self.starts, self.rows), self.labels, self.partitions, self.ids)
 
 
 class RecordDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -304,29 +319,22 @@ class TaskBuffer:
         for block in blocks:
             if block.dtype != self.dtype:
                 raise TypeError(f"features are {block.dtype}, this buffer holds {self.dtype}")
-            block = block.reshape(len(block), *self.feature_shape)
-            shaped.append(block if not block.flags.writeable else block.copy())
-            shaped[-1].flags.writeable = False
-        starts = np.cumsum([0, *(len(b) for b in shaped)])
+            if block.shape[1:] != self.feature_shape:
+                block = block.reshape(len(block), *self.feature_shape)
+            if block.flags.writeable:
+                block = block.copy()
+                block.flags.writeable = False
+            shaped.append(block)
+        starts = np.cumsum([0, *map(len, shaped)])
         y, p, i = self._columns(int(starts[-1]), labels, ids, partitions)
 
-        def split(rows: npt.NDArray[np.intp]) -> list[npt.NDArray[np.intp]]:
-            """``rows`` (ascending positions) as row numbers within each block."""
-            cuts = np.searchsorted(rows, starts).tolist()
-            return [rows[cuts[b] : cuts[b + 1]] - starts[b] for b in range(len(shaped))]
-
         def gather(rows: npt.NDArray[np.intp]) -> npt.NDArray[Any]:
-            out = np.empty((len(rows), *self.feature_shape), self.dtype)
-            at = 0
-            for block, local in zip(shaped, split(rows), strict=True):
-                np.take(block, local, axis=0, out=out[at : at + len(local)])
-                at += len(local)
-            return out
+            if not len(rows):
+                return np.empty((0, *self.feature_shape), self.dtype)
+            return _gather(shaped, starts, rows)
 
         def keep(rows: npt.NDArray[np.intp]) -> _Blocks:
-            local = split(rows)
-            used = [b for b, r in enumerate(local) if len(r)]
-            return _Blocks([shaped[b] for b in used], [local[b] for b in used], y[rows], p[rows], i[rows])
+            return _Blocks(shaped, starts, rows, y[rows], p[rows], i[rows])
 
         self._add(y, i, p, gather, keep)
 
