@@ -197,12 +197,16 @@ class Ingest:
         """The fast path for a chunk of messages: when every one decoded, carries no marker
         and the detector says all their records train the open task, observe them in one
         call and stash their records. False (nothing done) otherwise."""
-        good = [d for d, _ in decoded if isinstance(d, wire.Decoded) and d.marker is None and d.num_records]
+        good = [
+            d.labels
+            for d, _ in decoded
+            if isinstance(d, wire.Decoded) and d.marker is None and d.num_records and d.labels is not None
+        ]
         if len(good) < len(chunk) or self.buffer.task_ != self.detector.current_task_:
             return False
-        labels = np.concatenate([d.labels for d in good if d.labels is not None])
+        labels = np.concatenate(good)
         now = time.monotonic()
-        if len(labels) != sum(d.num_records for d in good) or not self.detector.trains_all(labels, now):
+        if not self.detector.trains_all(labels, now):
             return False
         self.detector.observe(labels, now=now)
         counts: dict[tuple[str, int], list[int]] = {}  # (topic, partition) -> [messages, records]
