@@ -315,11 +315,11 @@ class TaskBuffer:
         >>> next(buf.iter_batches()).features.tolist()
         [[0, 0], [0, 0], [1, 1]]
         """
-        shaped = []
+        shaped, dtype, shape = [], np.dtype(self.dtype), self.feature_shape
         for block in blocks:
-            if block.dtype != self.dtype:
+            if block.dtype != dtype:
                 raise TypeError(f"features are {block.dtype}, this buffer holds {self.dtype}")
-            if block.shape[1:] != self.feature_shape:
+            if block.shape[1:] != shape:
                 block = block.reshape(len(block), *self.feature_shape)
             if block.flags.writeable:
                 block = block.copy()

@@ -3,7 +3,7 @@
 A test starts the service with ``SPACENET_CRASH_AT=<point>`` (optionally
 ``<point>:<n>`` to crash at the n-th time the point is reached); the process then
 dies there with ``os._exit(137)``, as abruptly as ``kill -9``: no cleanup, no flush.
-Unset, every call is a dictionary look-up and nothing else.
+The variable is read once, when this module is imported; unset, a call returns at once.
 
 Points: ``checkpoint_mid_write`` (half of the checkpoint file written),
 ``after_checkpoint`` (checkpoint on disk, offsets not yet committed),
@@ -20,10 +20,11 @@ from typing import IO, Any
 
 ENV = "SPACENET_CRASH_AT"
 _hits: Counter[str] = Counter()
+_ARMED = os.environ.get(ENV)  # read once, at import: tests arm a child process's environment
 
 
 def maybe_crash(point: str, file: IO[Any] | None = None) -> None:
-    armed = os.environ.get(ENV)
+    armed = _ARMED
     if not armed:
         return
     name, _, nth = armed.partition(":")

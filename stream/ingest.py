@@ -78,6 +78,7 @@ class Ingest:
     ) -> None:
         self.topic = topic
         self.limits = limits
+        self.decoder = wire.Decoder(limits)
         self.detector = detector
         self.buffer = buffer
         self.pending = pending
@@ -123,17 +124,26 @@ class Ingest:
         while backlog:
             chunk = [backlog.popleft() for _ in range(min(CHUNK_MESSAGES, len(backlog)))]
             decoded = [self._decode(msg) for msg in chunk]
-            if self._all_train(chunk, decoded):
-                continue
-            for k, (msg, result) in enumerate(zip(chunk, decoded, strict=True)):
+            # Runs of the chunk to try the fast path on; a run that fails is halved, down to
+            # single messages, so one message with an event costs a few tries, not a slow chunk.
+            runs = [(0, len(chunk))]
+            while runs:
+                lo, hi = runs.pop()
+                if self._all_train(chunk[lo:hi], decoded[lo:hi]):
+                    continue
+                if hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    runs += [(mid, hi), (lo, mid)]  # the first half first
+                    continue
+                msg = chunk[lo]
                 closed = False
-                for task in self._message(msg, *result):
+                for task in self._message(msg, *decoded[lo]):
                     closed = True
                     yield task
                 self.positions_[msg.partition] = msg.offset + 1
                 maybe_crash("buffering")
                 if closed:  # the caller checkpoints after this message: the rest waits
-                    backlog.extendleft(reversed(chunk[k + 1 :]))
+                    backlog.extendleft(reversed(chunk[lo + 1 :]))
                     self._flush()
                     return
         self._flush()
@@ -184,7 +194,7 @@ class Ingest:
         """The decoded message or why it was rejected, and the seconds that took."""
         t0 = time.perf_counter()
         try:
-            decoded = wire.decode(msg.value, msg.headers, self.limits)
+            decoded = self.decoder(msg.value, msg.headers)
             if not decoded.is_control and decoded.values.dtype != self.dtype:
                 raise wire.WireError(wire.RejectReason.DTYPE, f"this service is configured for {self.dtype}")
         except wire.WireError as e:
@@ -198,29 +208,34 @@ class Ingest:
         and the detector says all their records train the open task, observe them in one
         call and stash their records. False (nothing done) otherwise."""
         good = [
-            d.labels
-            for d, _ in decoded
+            (d.values, d.labels, seconds)
+            for d, seconds in decoded
             if isinstance(d, wire.Decoded) and d.marker is None and d.num_records and d.labels is not None
         ]
         if len(good) < len(chunk) or self.buffer.task_ != self.detector.current_task_:
             return False
-        labels = np.concatenate(good)
+        labels = np.concatenate([y for _, y, _ in good])
         now = time.monotonic()
         if not self.detector.trains_all(labels, now):
             return False
         self.detector.observe(labels, now=now)
         counts: dict[tuple[str, int], list[int]] = {}  # (topic, partition) -> [messages, records]
-        for msg, (d, seconds) in zip(chunk, decoded, strict=True):
-            assert isinstance(d, wire.Decoded) and d.labels is not None
-            count = counts.setdefault((msg.topic, msg.partition), [0, 0])
+        observe, stash, positions = self.m.decoded, self._stash, self.positions_
+        for msg, (x, y, seconds) in zip(chunk, good, strict=True):
+            count = counts.get((msg.topic, msg.partition))
+            if count is None:
+                count = counts[msg.topic, msg.partition] = [0, 0]
             count[0] += 1
-            count[1] += d.num_records
-            self.m.decoded(seconds)
-            self._stash_records(d.values, d.labels, msg.offset, msg.partition)
-            self.positions_[msg.partition] = msg.offset + 1
+            count[1] += len(y)
+            observe(seconds)
+            stash.append((x, y, msg.offset, msg.partition))
+            self._stash_bytes += x.nbytes
+            positions[msg.partition] = msg.offset + 1
             maybe_crash("buffering")
         for (topic, partition), (messages, records) in counts.items():
             self.m.consumed(topic, partition, records, messages=messages)
+        if self._stash_bytes >= STASH_BYTES:
+            self._flush()
         return True
 
     def _message(self, msg: Any, decoded: wire.Decoded | wire.WireError, seconds: float) -> Iterator[Closed]:

@@ -25,6 +25,7 @@ from spacenet.stream.wire import (
     EVENT_TIME_TYPE,
     SCHEMA_VERSION,
     Decoded,
+    Decoder,
     Marker,
     RejectReason,
     WireError,
@@ -464,10 +465,13 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list
     return calls
 
 
-def _outcome(value: bytes, headers: Any = HEADERS, limits: WireLimits = LIMITS) -> Any:
-    """What decode makes of a message, comparable across calls: the reason, or the content."""
+def _outcome(
+    value: bytes, headers: Any = HEADERS, limits: WireLimits = LIMITS, decoder: Decoder | None = None
+) -> Any:
+    """What decode (or ``decoder``) makes of a message, comparable across calls: the reason,
+    or the content."""
     try:
-        msg = decode(value, headers, limits)
+        msg = decode(value, headers, limits) if decoder is None else decoder(value, headers)
     except WireError as error:
         return error.reason
     arrays = (msg.labels, msg.tasks, msg.event_time)
@@ -644,6 +648,64 @@ def test_corrupting_a_cached_layouts_message_gives_what_the_full_reader_gives(
     with _uncached():
         expected = _outcome(bytes(corrupted), limits=limits)
     assert _outcome(bytes(corrupted), limits=limits) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(VALID), st.data())
+def test_a_decoder_gives_what_the_full_reader_gives_message_after_message(
+    value: bytes, data: st.DataObject
+) -> None:
+    """A Decoder that has taken a shortcut for a layout is fed messages like it: corrupted,
+    with other labels, other headers; each comes out as the full reader makes it."""
+    limits = data.draw(
+        st.sampled_from([LIMITS, WireLimits(num_classes_max=5), WireLimits(require_label=False)])
+    )
+    decoder = Decoder(limits)
+    decoder(value, HEADERS)  # its layout is the decoder's shortcut now, where it has one
+    key = wire._layout_key(value, SCHEMA_VERSION, limits)
+    assert key is not None
+    body = st.integers(len(key[0]), len(value) - 9)  # where a message keeps its layout
+    marker, version_2 = make_headers(Marker.TASK_START, 1), [("spacenet-schema-version", b"2")]
+    other_headers = st.sampled_from([HEADERS, [*HEADERS], [], None, marker, version_2])
+    for _ in range(data.draw(st.integers(1, 4))):
+        changed = bytearray(value)
+        for _ in range(data.draw(st.integers(0, 3))):
+            at = data.draw(st.one_of(body, body, body, st.integers(0, len(value) - 1)))
+            changed[at] = data.draw(st.integers(0, 255))
+        headers = data.draw(st.one_of(st.just(HEADERS), other_headers))
+        with _uncached():
+            expected = _outcome(bytes(changed), headers, limits)
+        assert _outcome(bytes(changed), headers, limits, decoder) == expected
+
+
+@pytest.mark.parametrize(
+    ("labels", "num_classes_max", "reason"),
+    [
+        ([0, 2**56 - 1], None, None),
+        ([2**56, 3], None, None),  # a most significant byte that is not 0: checked in full
+        ([2**62, 3], None, None),
+        ([-1, 3], None, R.LABEL_NEGATIVE),
+        ([3, -(2**63)], None, R.LABEL_NEGATIVE),
+        ([0, 300], 300, R.LABEL_OUT_OF_RANGE),  # below 2**56 yet out of a small class range
+        ([0, 2**56 - 1], 2**56 - 1, R.LABEL_OUT_OF_RANGE),
+        ([0, 2**56 - 2], 2**56 - 1, None),
+    ],
+)
+def test_a_decoders_shortcut_checks_labels_at_the_edges(
+    labels: list[int], num_classes_max: int | None, reason: Any
+) -> None:
+    limits = WireLimits(num_classes_max=num_classes_max)
+    decoder = Decoder(limits)
+    assert decoder(_crafted(label=pa.array([0, 1], pa.int64())), HEADERS).num_records == 2
+    value = _crafted(label=pa.array(labels, pa.int64()))  # the same layout
+    assert wire._layout_key(value, SCHEMA_VERSION, limits) == wire._layout_key(
+        _crafted(), SCHEMA_VERSION, limits
+    )
+    outcome = _outcome(value, HEADERS, limits, decoder)
+    if reason is None:
+        assert outcome[2] == (np.dtype(np.int64), np.array(labels, np.int64).tobytes(), False)
+    else:
+        assert outcome is reason
 
 
 def test_the_caches_stay_bounded(caches: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
