@@ -204,9 +204,10 @@ def decode(value: bytes | None, headers: Headers | None, limits: WireLimits) -> 
 
 
 class Decoder:
-    """``decode`` for one consumer's stream, with ``limits`` fixed: a message with the same
-    headers, length and bytes up to its batch body as the last one that took the layout
-    cache (a producer's every full message) skips the cache's key building and look-up.
+    """``decode`` for one consumer's stream, with ``limits`` fixed. It remembers the layout of
+    the last message that passed with one. A message with the same headers and length as
+    that one, and the same bytes up to its batch body (as each full message of a producer
+    has), is read with that layout at once: no cache key is built, hashed or looked up.
 
     >>> import numpy as np
     >>> decoder = Decoder(WireLimits(expected_shape=(1, 2, 2)))
