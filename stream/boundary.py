@@ -375,7 +375,9 @@ class BoundaryDetector:
         self._emit(out, Event(EventKind.OPENED, index, task, reason))
         if reason is Reason.MARKER:
             self._await_class_until = self.n_seen_ + self.window
-            for label in [lb for lb, seqs in self._pending.items() if len(seqs) >= self.min_count]:
+            confirmed = [lb for lb, seqs in self._pending.items() if len(seqs) >= self.min_count]
+            # In stream order (a class's first pending record), as a restored detector has them
+            for label in sorted(confirmed, key=lambda lb: self._pending[lb][0]):
                 if self.current_task_ is None:  # the record limit closed it already
                     break
                 seqs = self._pending[label]

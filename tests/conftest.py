@@ -1,4 +1,5 @@
-"""Session set-up: a throw-away HOME, seeded RNGs, and real Kafka and Prometheus fixtures.
+"""Session set-up: a throw-away HOME, seeded RNGs and property tests, and real Kafka and
+Prometheus fixtures.
 
 Importing avalanche or matplotlib writes into ``$HOME``, so the environment is
 redirected here, at import time, before any test module imports them. Tests that use
@@ -18,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.support import load_local_kafka
 from tests.support.prometheus import PrometheusFactory, PrometheusServer
@@ -40,6 +42,12 @@ def _isolate_environment() -> None:
 
 
 _isolate_environment()
+
+# Property tests draw the same examples on every run (seeded from each test's name), so a
+# failure is the code's, not the draw's. HYPOTHESIS_PROFILE=explore searches afresh each run.
+settings.register_profile("seeded", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "seeded"))
 
 
 @pytest.fixture(autouse=True)

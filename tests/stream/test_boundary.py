@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from spacenet.stream import boundary
@@ -313,6 +313,17 @@ def test_every_record_gets_exactly_one_outcome(steps, min_count, window, group_w
     steps=st.lists(step, min_size=1, max_size=24),
     cut=st.integers(0, 24),
     limit=st.one_of(st.none(), st.integers(1, 8)),
+)
+@example(  # a start marker releases two confirmed classes: in stream order, restored or not
+    steps=[([], None, None)] * 8
+    + [
+        ([], Marker.END, None),
+        ([3], None, None),
+        ([0, 0, 0, 0, 0, 0, 3, 3], None, None),
+        ([], Marker.START, None),
+    ],
+    cut=11,
+    limit=None,
 )
 def test_state_round_trip_at_any_point(steps, cut, limit) -> None:
     params = dict(min_count=2, window=8, group_window=3, idle_timeout_s=2.5, max_task_records=limit)
