@@ -76,6 +76,10 @@ class Records:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.features, self.labels, self.partitions, self.ids))
 
+    def records(self) -> Records:
+        """These records (as ``_Blocks.records`` copies its rows into)."""
+        return self
+
     def take(self, rows: npt.ArrayLike) -> Records:
         r = np.asarray(rows, dtype=np.intp)  # np.take gathers rows about twice as fast as x[r]
         return Records(*(np.take(getattr(self, f), r, axis=0) for f in _FIELDS))
@@ -320,7 +324,7 @@ class TaskBuffer:
             if block.dtype != dtype:
                 raise TypeError(f"features are {block.dtype}, this buffer holds {self.dtype}")
             if block.shape[1:] != shape:
-                block = block.reshape(len(block), *self.feature_shape)
+                block = block.reshape(len(block), *shape)
             if block.flags.writeable:
                 block = block.copy()
                 block.flags.writeable = False
@@ -400,7 +404,7 @@ class TaskBuffer:
         for path in self.spilled_files_:
             yield from self._read(path)
         for chunk in self._chunks:
-            yield chunk if isinstance(chunk, Records) else chunk.records()
+            yield chunk.records()
 
     def dataset(self, scale: float | None = None, stream_order: bool = False) -> RecordDataset:
         """The training records as a torch Dataset over memory-mapped spill files; ``scale``
@@ -496,7 +500,7 @@ class TaskBuffer:
             Path(root).mkdir(parents=True, exist_ok=True)
             self._spill_path = Path(tempfile.mkdtemp(prefix=f"spill-task{self.task_}-", dir=root))
         path = self._spill_path / f"{len(self.spilled_files_):06d}.arrow"
-        chunk = Records.concat([c if isinstance(c, Records) else c.records() for c in self._chunks])
+        chunk = Records.concat([c.records() for c in self._chunks])
         self._write(path, chunk, {"task": self.task_})
         self.spilled_files_.append(path)
         self._spilled_rows += len(chunk)

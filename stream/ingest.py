@@ -77,8 +77,7 @@ class Ingest:
         dtype: str = "uint8",
     ) -> None:
         self.topic = topic
-        self.limits = limits
-        self.decoder = wire.Decoder(limits)
+        self.decoder = wire.Decoder(limits)  # its ``limits`` are the ingest's
         self.detector = detector
         self.buffer = buffer
         self.pending = pending
@@ -220,22 +219,18 @@ class Ingest:
             return False
         self.detector.observe(labels, now=now)
         counts: dict[tuple[str, int], list[int]] = {}  # (topic, partition) -> [messages, records]
-        observe, stash, positions = self.m.decoded, self._stash, self.positions_
         for msg, (x, y, seconds) in zip(chunk, good, strict=True):
             count = counts.get((msg.topic, msg.partition))
             if count is None:
                 count = counts[msg.topic, msg.partition] = [0, 0]
             count[0] += 1
             count[1] += len(y)
-            observe(seconds)
-            stash.append((x, y, msg.offset, msg.partition))
-            self._stash_bytes += x.nbytes
-            positions[msg.partition] = msg.offset + 1
+            self.m.decoded(seconds)
+            self._stash_records(x, y, msg.offset, msg.partition)
+            self.positions_[msg.partition] = msg.offset + 1
             maybe_crash("buffering")
         for (topic, partition), (messages, records) in counts.items():
             self.m.consumed(topic, partition, records, messages=messages)
-        if self._stash_bytes >= STASH_BYTES:
-            self._flush()
         return True
 
     def _message(self, msg: Any, decoded: wire.Decoded | wire.WireError, seconds: float) -> Iterator[Closed]:

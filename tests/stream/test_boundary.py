@@ -25,6 +25,11 @@ from spacenet.stream.boundary import (
 SPLIT = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
 
 
+def decided(res: Assignments) -> tuple[int, list[int], list[int], list[Event]]:
+    """What one ``observe`` decided, comparable between detectors."""
+    return res.first_seq, res.outcome.tolist(), res.task.tolist(), res.events
+
+
 def class_incremental(rng: np.random.Generator, tasks=SPLIT, per_task: int = 1000) -> np.ndarray:
     """Each task's classes interleaved at random, tasks one after the other."""
     return np.concatenate([rng.choice(np.array(cs), size=per_task) for cs in tasks]).astype(np.int64)
@@ -259,12 +264,7 @@ def test_state_round_trip_mid_stream_gives_identical_behaviour() -> None:
     for i, start in enumerate(range(cut, len(labels), 37)):
         batch, now = labels[start : start + 37], float(i)
         a, b = whole.observe(batch, now=now), restored.observe(batch, now=now)
-        assert (a.first_seq, a.outcome.tolist(), a.task.tolist(), a.events) == (
-            b.first_seq,
-            b.outcome.tolist(),
-            b.task.tolist(),
-            b.events,
-        )
+        assert decided(a) == decided(b)
     assert whole.state_dict() == restored.state_dict()
 
 
@@ -277,11 +277,17 @@ def test_bad_parameters_are_rejected() -> None:
         BoundaryDetector(max_task_records=0)
 
 
-step = st.tuples(
-    st.lists(st.integers(0, 5), max_size=12),
-    st.sampled_from([None, None, None, Marker.START, Marker.END]),
-    st.one_of(st.none(), st.integers(0, 3)),
-)
+def steps_of(max_labels: int, plain: int) -> st.SearchStrategy[tuple[list[int], Marker | None, int | None]]:
+    """One ``observe`` call: up to ``max_labels`` labels of 6 classes; a start or end marker in
+    2 of ``plain + 2`` calls; a task id or none."""
+    return st.tuples(
+        st.lists(st.integers(0, 5), max_size=max_labels),
+        st.sampled_from([None] * plain + [Marker.START, Marker.END]),
+        st.one_of(st.none(), st.integers(0, 3)),
+    )
+
+
+step = steps_of(12, plain=3)
 
 
 @settings(max_examples=150, deadline=None)
@@ -337,12 +343,7 @@ def test_state_round_trip_at_any_point(steps, cut, limit) -> None:
         assert whole.tick(i - 0.5) == restored.tick(i - 0.5)
         a = whole.observe(batch, marker, task, now=float(i))
         b = restored.observe(batch, marker, task, now=float(i))
-        assert (a.first_seq, a.outcome.tolist(), a.task.tolist(), a.events) == (
-            b.first_seq,
-            b.outcome.tolist(),
-            b.task.tolist(),
-            b.events,
-        )
+        assert decided(a) == decided(b)
 
 
 def test_markers_may_be_given_as_decoded_from_the_wire() -> None:
@@ -362,11 +363,7 @@ def test_restart_clock_keeps_a_pause_from_closing_the_task() -> None:
     assert [e.reason.value for e in det.tick(106.0) if e.reason is not None] == ["timeout"]
 
 
-long_step = st.tuples(
-    st.lists(st.integers(0, 5), max_size=40),
-    st.sampled_from([None, None, None, None, Marker.START, Marker.END]),
-    st.one_of(st.none(), st.integers(0, 3)),
-)
+long_step = steps_of(40, plain=4)
 
 
 @settings(max_examples=200, deadline=None)
@@ -387,12 +384,7 @@ def test_bulk_runs_decide_exactly_as_record_by_record(steps, min_count, window, 
         batch = np.array(labels, np.int64)
         a = bulk.observe(batch, marker, task, now=float(i))
         b = single.observe(batch, marker, task, now=float(i))
-        assert (a.first_seq, a.outcome.tolist(), a.task.tolist(), a.events) == (
-            b.first_seq,
-            b.outcome.tolist(),
-            b.task.tolist(),
-            b.events,
-        )
+        assert decided(a) == decided(b)
     assert bulk.state_dict() == single.state_dict()
 
 
@@ -404,11 +396,7 @@ def test_bulk_runs_on_a_long_noisy_stream_match_record_by_record() -> None:
     single._bulk = False
     for lo in range(0, len(noisy), 500):
         a, b = bulk.observe(noisy[lo : lo + 500]), single.observe(noisy[lo : lo + 500])
-        assert (a.outcome.tolist(), a.task.tolist(), a.events) == (
-            b.outcome.tolist(),
-            b.task.tolist(),
-            b.events,
-        )
+        assert decided(a) == decided(b)
     assert bulk.state_dict() == single.state_dict() and len(bulk.task_classes_) == 5
 
 
