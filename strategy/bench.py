@@ -433,6 +433,7 @@ def settings_block(args: argparse.Namespace, settings: TrainSettings) -> dict[st
         "schema_version": SCHEMA_VERSION,
         "benchmark": args.benchmark,
         **asdict(settings),
+        "input_range": list(settings.input_range),  # JSON has no tuples
         "strategies": args.strategies,
         "seeds": args.seeds,
         "threads": args.threads,
@@ -461,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         eval_batch_size=args.eval_batch_size,
         device=device,
         n_experiences=args.n_experiences or info.n_experiences,
+        input_range=info.input_range,
+        input_size=info.input_size,
+        num_classes=info.num_classes,
     )
     plugin_kwargs = spacenet_kwargs(make_model(info), settings.n_experiences)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,22 @@ class BenchmarkInfo:
     std: tuple[float, ...]
     n_experiences: int
 
+    @property
+    def input_range(self) -> tuple[float, float]:
+        """The normalised values of a pixel at 0 and at 1 (lowest and highest over channels).
+
+        >>> [round(v, 4) for v in BENCHMARKS["split_mnist"].input_range]
+        [-0.4242, 2.8215]
+        """
+        return (
+            min(-m / s for m, s in zip(self.mean, self.std, strict=True)),
+            max((1 - m) / s for m, s in zip(self.mean, self.std, strict=True)),
+        )
+
+    @property
+    def input_size(self) -> int:
+        return self.in_channels * self.image_size**2
+
 
 _CIFAR10_STATS = {"mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)}
 _CIFAR100_STATS = {"mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762)}

@@ -60,6 +60,7 @@ class CapacityReport:
     tasks_remaining: int
     limiting_layer: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    task_inference_bytes: int = 0  # stored task-identity statistics (0 without the option)
 
     @property
     def used_connection_ratio(self) -> float:
@@ -74,6 +75,7 @@ class CapacityReport:
             "tasks_remaining": self.tasks_remaining,
             "limiting_layer": self.limiting_layer,
             "used_connection_ratio": self.used_connection_ratio,
+            "task_inference_bytes": self.task_inference_bytes,
         }
 
     def table(self) -> str:
@@ -89,6 +91,8 @@ class CapacityReport:
             f"estimated tasks remaining {self.tasks_remaining}"
             + (f" (limited by {self.limiting_layer})" if self.limiting_layer else "")
         )
+        if self.task_inference_bytes:
+            rows.append(f"task-inference statistics {self.task_inference_bytes / 1000:.1f} KB")
         return "\n".join(rows)
 
 

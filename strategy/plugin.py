@@ -20,10 +20,12 @@ from typing import Any
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from spacenet.strategy.calibration import TaskLogitNorm
 from spacenet.strategy.capacity import CapacityReport
 from spacenet.strategy.spacenet import PAPER_CONNECTIONS, ExhaustedPolicy, SpaceNet
+from spacenet.strategy.task_inference import TaskInference
 
 
 def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
@@ -35,9 +37,22 @@ def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     return bool(group["momentum"] == 0 and group["weight_decay"] == 0 and not group.get("maximize", False))
 
 
+def dataset_tensors(dataset: Any, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """All inputs and labels of a (small) dataset, on the CPU, in dataset order. The
+    loader gets its own generator: it must not draw from the global RNG that training
+    uses (an iterator draws a base seed even without shuffling)."""
+    xs, ys = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator()):
+        xs.append(batch[0].cpu())
+        ys.append(torch.as_tensor(batch[1]).cpu())
+    return torch.cat(xs), torch.cat(ys)
+
+
 class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
     """Avalanche plugin running SpaceNet; every argument goes to ``SpaceNet``, except
-    ``calibration`` (an option beyond the paper, see ``calibration.py``)."""
+    ``calibration`` (an option beyond the paper, see ``calibration.py``). With
+    ``task_inference``, each task's statistics are fitted from its experience's dataset
+    after training, and evaluation outputs are ``SpaceNet.infer``'s class log-probabilities."""
 
     def __init__(
         self,
@@ -51,8 +66,11 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
         hide_old_outputs: bool = True,
         layer_names: Sequence[str] | None = None,
         calibration: TaskLogitNorm | None = None,
+        task_inference: TaskInference | None = None,
     ) -> None:
         super().__init__()
+        if calibration is not None and task_inference is not None:
+            raise ValueError("calibration and task_inference both rescore the outputs: choose one")
         self.spacenet = SpaceNet(
             n_select=n_select,
             n_reserve=n_reserve,
@@ -63,6 +81,7 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
             freeze_used_biases=freeze_used_biases,
             hide_old_outputs=hide_old_outputs,
             layer_names=layer_names,
+            task_inference=task_inference,
         )
         self.calibration = calibration
         self.model_: nn.Module | None = None
@@ -119,6 +138,8 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
             self.calibration.fit_task(
                 strategy.model, self.spacenet, task, strategy.experience.dataset, device=strategy.device
             )
+        if self.spacenet.task_inference is not None and task is not None:
+            self.spacenet.fit_task_inference(task, *dataset_tensors(strategy.experience.dataset))
 
     # ----------------------------------------------------------- evaluation
     def before_eval(self, strategy: Any, **kwargs: Any) -> None:
@@ -135,6 +156,8 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
     def after_eval_forward(self, strategy: Any, **kwargs: Any) -> None:
         if self.calibration is not None and self.model_ is not None:
             strategy.mb_output = self.calibration.apply(strategy.mb_output, self.spacenet.task_units())
+        if self.model_ is not None:
+            strategy.mb_output = self.spacenet.infer(strategy.mb_output, strategy.mb_x)
 
     def _map_labels(self, strategy: Any) -> None:
         """Labels to output units, when the class map is not the identity."""

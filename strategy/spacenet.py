@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from spacenet.strategy.capacity import CapacityExhaustedError, CapacityReport, LayerCapacity, tasks_that_fit
 from spacenet.strategy.layers import FREE, SparseLayer
+from spacenet.strategy.task_inference import TaskInference
 
 ExhaustedPolicy = Literal["error", "shrink"]
 STATE_VERSION = 1
@@ -57,6 +58,11 @@ class SpaceNet:
             the paper) keeps them, frozen, so the new task's classes learn to outscore
             the old classes on the new task's own data.
         layer_names: which modules to manage, in forward order; default all Linear/Conv2d.
+        task_inference: option beyond the paper: a ``TaskInference`` that, fitted at the
+            end of each task from that task's own records (``fit_task_inference``),
+            chooses the task of an input at inference; the class within it comes from the
+            task's own output units (``infer``). ``None`` (faithful mode): argmax over all
+            output units.
     """
 
     def __init__(
@@ -70,6 +76,7 @@ class SpaceNet:
         freeze_used_biases: bool = False,
         hide_old_outputs: bool = True,
         layer_names: Sequence[str] | None = None,
+        task_inference: TaskInference | None = None,
     ) -> None:
         self.n_select = n_select
         self.n_reserve = n_reserve
@@ -80,6 +87,7 @@ class SpaceNet:
         self.freeze_used_biases = freeze_used_biases
         self.hide_old_outputs = hide_old_outputs
         self.layer_names = layer_names
+        self.task_inference = task_inference
         if not 0.0 <= drop_fraction < 1.0:
             raise ValueError("drop_fraction must be in [0, 1)")
         if on_exhausted not in ("error", "shrink"):
@@ -311,6 +319,24 @@ class SpaceNet:
         self.task_ = None
         self._refresh_masks()
 
+    # ------------------------------------------------------- task inference
+    def fit_task_inference(self, task: int, inputs: Tensor, labels: Tensor) -> None:
+        """After ``end_task``: fit the task-identity statistics of ``task`` from its own
+        records (``inputs`` as the model sees them, ``labels`` as given to ``begin_task``)."""
+        if self.task_inference is None:
+            raise RuntimeError("this SpaceNet has no task_inference")
+        if task >= self.tasks_learned_ or self.task_ is not None:
+            raise RuntimeError(f"task {task} is not finished: call end_task() first")
+        self.task_inference.fit_task(task, inputs, self.units_of(labels.to(torch.long)))
+
+    def infer(self, logits: Tensor, inputs: Tensor) -> Tensor:
+        """Output scores for class-incremental prediction: with ``task_inference``, class
+        log-probabilities (task from the inputs, class from the task's units); without
+        it, ``logits`` unchanged."""
+        if self.task_inference is None:
+            return logits
+        return self.task_inference.apply(logits, inputs)
+
     # -------------------------------------------------- output rows of other tasks
     def hide_other_tasks(self) -> None:
         """While a task trains, zero the output rows of other tasks' classes (kept aside)."""
@@ -389,7 +415,12 @@ class SpaceNet:
                 )
         remaining, limiting = min(fits)
         return CapacityReport(
-            tuple(layers), self.tasks_learned_, len(self.label_to_unit_), remaining, limiting
+            tuple(layers),
+            self.tasks_learned_,
+            len(self.label_to_unit_),
+            remaining,
+            limiting,
+            task_inference_bytes=self.task_inference.nbytes if self.task_inference is not None else 0,
         )
 
     # ------------------------------------------------------------------- state
@@ -398,7 +429,7 @@ class SpaceNet:
         if self.task_ is not None:
             raise RuntimeError("save between tasks: a task is being trained")
         pairs = sorted(self.label_to_unit_.items())
-        return {
+        state: dict[str, object] = {
             "version": STATE_VERSION,
             "layer_names": list(self.layer_names_),
             "layers": [layer.state_dict() for layer in self.layers_],
@@ -406,6 +437,9 @@ class SpaceNet:
             "tasks_learned": self.tasks_learned_,
             "generator": self.generator_.get_state(),
         }
+        if self.task_inference is not None:
+            state["task_inference"] = self.task_inference.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -425,5 +459,10 @@ class SpaceNet:
         gen = state["generator"]
         assert isinstance(gen, Tensor)
         self.generator_.set_state(gen)
+        if self.task_inference is not None:
+            ti = state.get("task_inference")
+            if not isinstance(ti, dict):
+                raise ValueError("the state has no task_inference statistics, but this SpaceNet uses them")
+            self.task_inference.load_state_dict(ti)
         self.task_ = None
         self._refresh_masks()

@@ -13,6 +13,7 @@ from spacenet.strategy import bench
 from spacenet.strategy.baselines import (
     REGISTRY,
     SPACENET_VARIANTS,
+    STATISTICS_ONLY,
     TrainSettings,
     build_strategy,
     spacenet_kwargs,
@@ -151,10 +152,12 @@ def test_markdown_table_caveats_and_failures(tmp_path: Path) -> None:
 
 
 def test_registry_has_the_issue_strategies() -> None:
-    expected = {"spacenet", "spacenet_fb", "spacenet_cal", "spacenet_plus", "spacenet_2x", "naive", "ewc",
-                "si", "lwf", "replay", "replay1000", "gem", "agem", "gdumb", "cumulative"}  # fmt: skip
+    expected = {"spacenet", "spacenet_fb", "spacenet_cal", "spacenet_plus", "spacenet_2x", "spacenet_ti",
+                "naive", "ewc", "si", "lwf", "replay", "replay1000", "gem", "agem", "gdumb", "cumulative",
+                "slda", "ncm", "mixtures"}  # fmt: skip
     assert set(REGISTRY) == expected
-    assert {"spacenet", "spacenet_fb", "spacenet_cal", "spacenet_plus", "spacenet_2x"} == SPACENET_VARIANTS
+    assert {"spacenet", "spacenet_fb", "spacenet_cal", "spacenet_plus", "spacenet_2x",
+                                 "spacenet_ti"} == SPACENET_VARIANTS  # fmt: skip
     assert all(REGISTRY[name].caveat for name in ("si", "ewc", "lwf"))
 
 
@@ -178,6 +181,9 @@ def test_build_strategy_copies_the_plugin_list(name: str) -> None:
         name, model, TrainSettings(epochs=2, lr=0.05, batch_size=32), seed=0, plugins=plugins
     )
     assert plugins == []  # the wrappers append to the list they get, never to ours
+    if name in STATISTICS_ONLY:  # one pass of exact statistics, no gradient steps
+        assert strategy.train_epochs == 1 and strategy.optimizer is None
+        return
     assert strategy.train_epochs == 2 and strategy.train_mb_size == 32
     assert type(strategy.optimizer) is torch.optim.SGD
     assert strategy.optimizer.param_groups[0]["lr"] == 0.05

@@ -65,6 +65,20 @@ def run(labels: list[int], plugin: SpaceNetPlugin, model: SpaceNetMLP, extra: li
     return bm, strategy, results, log.getvalue()
 
 
+def round_trip(model: SpaceNetMLP, plugin: SpaceNetPlugin, fresh: SpaceNetPlugin) -> SpaceNetMLP:
+    """Save ``model`` and ``plugin`` to a checkpoint, load it (weights only) into a new model
+    and ``fresh``; returns the new model, to which ``fresh`` is attached."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "plugin": plugin.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    clone = SpaceNetMLP()
+    clone.load_state_dict(saved["model"])
+    fresh.load_state_dict(saved["plugin"])
+    fresh.attach(clone)  # attaching with a pending state keeps the loaded weights
+    return clone
+
+
 def stream_accuracy(results: dict[str, float]) -> float:
     return next(v for k, v in results.items() if k.startswith("Top1_Acc_Stream/eval_phase/test_stream"))
 
@@ -118,15 +132,8 @@ def test_saved_state_restores_identical_predictions() -> None:
     model = SpaceNetMLP()
     plugin = SpaceNetPlugin(seed=0, n_select=40, n_reserve=20, connections=(2000, 400, 40))
     bm, _, _, _ = run(list(range(10)), plugin, model)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "plugin": plugin.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    clone = SpaceNetMLP()
-    clone.load_state_dict(saved["model"])
     restored = SpaceNetPlugin()
-    restored.load_state_dict(saved["plugin"])
-    restored.attach(clone)  # attaching with a pending state keeps the loaded weights
+    clone = round_trip(model, plugin, restored)
     x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(20)])
     assert torch.equal(model(x), clone(x))
     assert restored.capacity() == plugin.capacity()
