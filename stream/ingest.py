@@ -43,14 +43,13 @@ import numpy.typing as npt
 
 from spacenet.stream import wire
 from spacenet.stream.boundary import Assignments, BoundaryDetector, Event, EventKind, Outcome
-from spacenet.stream.buffer import Records, TaskBuffer
+from spacenet.stream.buffer import TaskBuffer
 from spacenet.stream.config import ServiceConfig
 from spacenet.stream.faults import maybe_crash
 from spacenet.stream.metrics import ServiceMetrics
-from spacenet.stream.records import PendingStore
+from spacenet.stream.records import ROW_BITS, PendingStore, Records, offsets_of, record_ids
 
 log = logging.getLogger(__name__)
-ROW_BITS = 16  # record id = offset << 16 | row within the message
 STASH_BYTES = 16 << 20  # fast-path records gathered before they go into the buffer
 CHUNK_MESSAGES = 32  # messages decoded, then checked by the detector together
 # (value, key, reason, detail, source message or None): sends one dead letter
@@ -159,7 +158,7 @@ class Ingest:
             elif kind == EventKind.RELEASED:
                 recs = self.pending.take(event.seqs)
                 self._ensure_open(int(event.task))  # type: ignore[arg-type]
-                self.buffer.add(recs.features, recs.labels, recs.ids, recs.partitions)
+                self.buffer.add(recs)
             elif kind == EventKind.EXPIRED:
                 recs = self.pending.take(event.seqs)
                 self.dead_letter_records(recs, "unconfirmed_class")
@@ -183,9 +182,10 @@ class Ingest:
 
     def dead_letter_records(self, recs: Records, reason: str) -> None:
         """Well-formed records the service cannot learn: re-encoded, one message per record."""
+        offsets = offsets_of(recs.ids)
         for i in range(len(recs)):
             value = wire.encode(recs.features[i : i + 1], recs.labels[i : i + 1])
-            src = f"{self.topic}:{int(recs.partitions[i])}:{int(recs.ids[i]) >> ROW_BITS}"
+            src = f"{self.topic}:{int(recs.partitions[i])}:{int(offsets[i])}"
             self.dead_letter(value, None, reason, f"record {src}", None)
 
     # ------------------------------------------------------------------ messages
@@ -249,14 +249,14 @@ class Ingest:
             return
         self._flush()  # the buffer in stream order before anything else touches it
         features = decoded.values if n else np.zeros((0, *self.buffer.feature_shape), self.dtype)
-        ids = (np.int64(msg.offset) << ROW_BITS) + np.arange(n, dtype=np.int64)
-        parts = np.full(n, msg.partition, np.int64)
+        partitions = np.full(n, msg.partition, np.int32)
+        recs = Records(features, labels, partitions, record_ids([msg.offset], [n]))
         cursor = 0
         for event in res.events:
-            self._route(res, features, labels, ids, parts, cursor, event.index)
+            self._route(res, recs, cursor, event.index)
             cursor = event.index
             yield from self.events([event])
-        self._route(res, features, labels, ids, parts, cursor, n)
+        self._route(res, recs, cursor, n)
 
     def _stash_records(
         self, values: npt.NDArray[Any], labels: npt.NDArray[np.int64], offset: int, partition: int
@@ -273,26 +273,16 @@ class Ingest:
             return
         stash, self._stash, self._stash_bytes = self._stash, [], 0
         counts = [len(labels) for _, labels, _, _ in stash]
-        rows = np.arange(sum(counts), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-        offsets = np.repeat(np.array([offset for *_, offset, _ in stash], np.int64), counts)
         self.buffer.add_blocks(
             [values for values, *_ in stash],
             np.concatenate([labels for _, labels, _, _ in stash]),
-            (offsets << ROW_BITS) + rows,
-            np.repeat(np.array([partition for *_, partition in stash], np.int64), counts),
+            np.repeat(np.array([partition for *_, partition in stash], np.int32), counts),
+            record_ids([offset for *_, offset, _ in stash], counts),
         )
-        self.m.routed("train", len(rows))
+        self.m.routed("train", sum(counts))
 
-    def _route(
-        self,
-        res: Assignments,
-        features: npt.NDArray[Any],
-        labels: npt.NDArray[np.int64],
-        ids: npt.NDArray[np.int64],
-        parts: npt.NDArray[np.int64],
-        lo: int,
-        hi: int,
-    ) -> None:
+    def _route(self, res: Assignments, recs: Records, lo: int, hi: int) -> None:
+        """Route records ``lo:hi`` of a message by their outcomes in ``res``."""
         if hi <= lo:
             return
         outcome, tasks = res.outcome[lo:hi], res.task[lo:hi]
@@ -300,16 +290,16 @@ class Ingest:
         train = sl[outcome == Outcome.TRAIN]
         if train.size:
             self._ensure_open(int(tasks[train[0] - lo]))
-            self.buffer.add(features[train], labels[train], ids[train], parts[train])
+            self.buffer.add(recs.take(train))
             self.m.routed("train", int(train.size))
         pend = sl[outcome == Outcome.PENDING]
         if pend.size:
-            self.pending.put(res.first_seq + pend, features[pend], labels[pend], parts[pend], ids[pend])
+            self.pending.put(res.first_seq + pend, recs.take(pend))
             self.m.routed("pending", int(pend.size))
         late = sl[outcome == Outcome.LATE]
         for task in np.unique(tasks[late - lo]).tolist() if late.size else []:
             rows = late[tasks[late - lo] == task]
-            self.buffer.add_late(int(task), features[rows], labels[rows], ids[rows], parts[rows])
+            self.buffer.add_late(int(task), recs.take(rows))
             self.m.routed("late", int(rows.size))
 
     def _ensure_open(self, task: int) -> None:

@@ -30,19 +30,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
 from kafka.errors import KafkaError
 
 from spacenet.strategy.capacity import CapacityExhaustedError
 from spacenet.strategy.cl_metrics import AccuracyMatrix
-from spacenet.stream.buffer import Records
 from spacenet.stream.checkpoint import CheckpointError, CheckpointStore
 from spacenet.stream.config import ServiceConfig, state_path
 from spacenet.stream.faults import maybe_crash
 from spacenet.stream.ingest import Ingest
 from spacenet.stream.learner import Learner, Predictor, TrainingAbandoned
-from spacenet.stream.records import pack, unpack
 from spacenet.stream.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -291,19 +287,14 @@ class Service:
         log.info("published model version %d", self.model_version_)
 
     def _payload(self) -> dict[str, Any]:
-        seqs, pending = self.pending.all()
-        open_records = Records.concat(list(self.buffer.iter_batches())) if len(self.buffer) else None
         return {
             "format": 1,
             "model_version": self.model_version_,
             "learner": self.learner.state_dict(),
             "detector": json.dumps(self.detector.state_dict()),
             "positions": {str(p): o for p, o in self.positions_.items()},
-            "pending_seqs": torch.tensor(seqs, dtype=torch.long),
-            "pending": pack(pending),
-            "open_task": -1 if self.buffer.task_ is None else int(self.buffer.task_),
-            "open_records": pack(open_records) if open_records is not None else {},
-            "holdout": {str(t): pack(self.buffer.holdout(t)) for t in self.buffer.holdout_tasks},
+            **self.pending.state_dict(),
+            **self.buffer.state_dict(),
             "accuracy": json.dumps(self.accuracy_.as_dict()),
         }
 
@@ -320,22 +311,8 @@ class Service:
         self.detector.load_state_dict(json.loads(ck["detector"]))
         self.detector.restart_clock(time.monotonic())  # the clock of another process
         self.positions_ = {int(p): int(o) for p, o in ck["positions"].items()}
-        pending = unpack(ck["pending"])
-        self.pending.put(
-            ck["pending_seqs"].numpy(),
-            pending.features,
-            pending.labels,
-            pending.partitions.astype(np.int64),
-            pending.ids,
-        )
-        for task, packed in ck["holdout"].items():
-            recs = unpack(packed)
-            self.buffer.add_late(int(task), recs.features, recs.labels, recs.ids, recs.partitions)
-        if ck["open_task"] >= 0:
-            self.buffer.start_task(int(ck["open_task"]))
-            if ck["open_records"]:
-                recs = unpack(ck["open_records"])
-                self.buffer.add(recs.features, recs.labels, recs.ids, recs.partitions)
+        self.pending.load_state_dict(ck)
+        self.buffer.load_state_dict(ck)
         self.accuracy_ = AccuracyMatrix.from_dict(json.loads(ck["accuracy"]))
         self.model_version_ = int(ck["model_version"])
         self.predictor_ = self._published = self.learner.frozen_copy(self.model_version_)
