@@ -18,10 +18,11 @@ this path against a plain kafka-python consumer.
     >>> from collections import deque
     >>> from prometheus_client import CollectorRegistry
     >>> from spacenet.stream.metrics import ServiceMetrics
+    >>> metrics = ServiceMetrics(CollectorRegistry())
     >>> ingest = Ingest(
     ...     "records", wire.WireLimits(expected_shape=(1, 2, 2)), BoundaryDetector(min_count=2),
     ...     TaskBuffer((1, 2, 2), "uint8", holdout_fraction=0.0), PendingStore(),
-    ...     ServiceMetrics(CollectorRegistry()), dead_letter=print)
+    ...     metrics, DeadLetters(print, "records.dlq", metrics))
     >>> Message = collections.namedtuple("Message", "topic partition offset key value headers")
     >>> value = wire.encode(np.zeros((4, 1, 2, 2), np.uint8), [3, 3, 3, 3])
     >>> backlog = deque([Message("records", 0, 7, None, value, wire.make_headers())])
@@ -34,7 +35,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +46,14 @@ from spacenet.stream import wire
 from spacenet.stream.boundary import Assignments, BoundaryDetector, Event, EventKind, Outcome
 from spacenet.stream.buffer import TaskBuffer
 from spacenet.stream.config import ServiceConfig
+from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.faults import maybe_crash
 from spacenet.stream.metrics import ServiceMetrics
-from spacenet.stream.records import ROW_BITS, PendingStore, Records, offsets_of, record_ids
+from spacenet.stream.records import ROW_BITS, PendingStore, Records, record_ids
 
 log = logging.getLogger(__name__)
 STASH_BYTES = 16 << 20  # fast-path records gathered before they go into the buffer
 CHUNK_MESSAGES = 32  # messages decoded, then checked by the detector together
-# (value, key, reason, detail, source message or None): sends one dead letter
-DeadLetter = Callable[[bytes | None, bytes | None, str, str, Any], None]
 Closed = tuple[int, tuple[int, ...]]  # a task that closed with training records, and its classes
 Decoding = tuple[wire.Decoded | wire.WireError, float]  # a message or why not, and the seconds taken
 
@@ -72,7 +72,7 @@ class Ingest:
         buffer: TaskBuffer,
         pending: PendingStore,
         metrics: ServiceMetrics,
-        dead_letter: DeadLetter,
+        dead_letters: DeadLetters,
         dtype: str = "uint8",
     ) -> None:
         self.topic = topic
@@ -81,7 +81,7 @@ class Ingest:
         self.buffer = buffer
         self.pending = pending
         self.m = metrics
-        self.dead_letter = dead_letter
+        self.dead_letters = dead_letters
         self.dtype = np.dtype(dtype)
         self.positions_ = {}
         self._stash: list[tuple[npt.NDArray[Any], npt.NDArray[np.int64], int, int]] = []
@@ -89,7 +89,7 @@ class Ingest:
 
     @classmethod
     def from_config(
-        cls, cfg: ServiceConfig, metrics: ServiceMetrics, dead_letter: DeadLetter, spill_dir: Path
+        cls, cfg: ServiceConfig, metrics: ServiceMetrics, dead_letters: DeadLetters, spill_dir: Path
     ) -> Ingest:
         """The ingest of ``spacenet serve`` with these settings, spilling into ``spill_dir``."""
         limits = wire.WireLimits(
@@ -114,7 +114,7 @@ class Ingest:
             holdout_max_per_task=cfg.holdout_max_per_task,
             seed=cfg.seed,
         )
-        return cls(cfg.topic, limits, detector, buffer, PendingStore(), metrics, dead_letter)
+        return cls(cfg.topic, limits, detector, buffer, PendingStore(), metrics, dead_letters)
 
     def handle(self, backlog: collections.deque[Any]) -> Iterator[Closed]:
         """Handle messages from the front of ``backlog`` until it is empty or a message
@@ -161,7 +161,7 @@ class Ingest:
                 self.buffer.add(recs)
             elif kind == EventKind.EXPIRED:
                 recs = self.pending.take(event.seqs)
-                self.dead_letter_records(recs, "unconfirmed_class")
+                self.dead_letters.records(recs, "unconfirmed_class", self.topic)
                 self.m.routed("noise", len(recs))
             elif kind == EventKind.DISAGREEMENT:
                 log.warning("markers and detector disagree: %s (task %s)", event.reason, event.task)
@@ -179,14 +179,6 @@ class Ingest:
                 if len(self.buffer):
                     yield int(event.task), tuple(int(c) for c in event.classes)  # type: ignore[arg-type]
                 self.buffer.clear()
-
-    def dead_letter_records(self, recs: Records, reason: str) -> None:
-        """Well-formed records the service cannot learn: re-encoded, one message per record."""
-        offsets = offsets_of(recs.ids)
-        for i in range(len(recs)):
-            value = wire.encode(recs.features[i : i + 1], recs.labels[i : i + 1])
-            src = f"{self.topic}:{int(recs.partitions[i])}:{int(offsets[i])}"
-            self.dead_letter(value, None, reason, f"record {src}", None)
 
     # ------------------------------------------------------------------ messages
     def _decode(self, msg: Any) -> Decoding:
@@ -235,7 +227,7 @@ class Ingest:
 
     def _message(self, msg: Any, decoded: wire.Decoded | wire.WireError, seconds: float) -> Iterator[Closed]:
         if isinstance(decoded, wire.WireError):
-            self.dead_letter(msg.value, msg.key, decoded.reason.value, decoded.detail, msg)
+            self.dead_letters.message(msg, decoded.reason.value, decoded.detail)
             self.m.rejected(decoded.reason.value, seconds)
             return
         self.m.consumed(msg.topic, msg.partition, decoded.num_records, seconds)

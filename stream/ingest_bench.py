@@ -49,6 +49,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from spacenet.stream.config import ServiceConfig
+from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.ingest import Ingest
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
 from spacenet.stream.metrics import ServiceMetrics
@@ -123,12 +124,14 @@ class IngestSink:
     def __init__(self, topic: str, spill_dir: str, max_memory_bytes: int) -> None:
         cfg = replace(_SERVICE, topic=topic, max_buffer_bytes=max_memory_bytes)
         self.registry = CollectorRegistry()
-        self.ingest = Ingest.from_config(cfg, ServiceMetrics(self.registry), self._reject, Path(spill_dir))
+        metrics = ServiceMetrics(self.registry)
+        dead_letters = DeadLetters(self._reject, cfg.dead_letter_topic, metrics)
+        self.ingest = Ingest.from_config(cfg, metrics, dead_letters, Path(spill_dir))
         self.backlog: collections.deque[Any] = collections.deque()
         self.messages = self.bytes = self.rejected = 0
         self.closed: list[tuple[int, tuple[int, ...]]] = []
 
-    def _reject(self, value: bytes | None, key: bytes | None, reason: str, detail: str, msg: Any) -> None:
+    def _reject(self, topic: str, **message: Any) -> None:
         self.rejected += 1  # the service sends these to the dead-letter topic
 
     def __call__(self, records: Sequence[Any]) -> None:

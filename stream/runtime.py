@@ -112,9 +112,7 @@ class Runtime:
             predict_consumer,
             producer,
             cfg.predictions_topic,
-            dead_letter=lambda msg, reason, detail: service.dead_letter(
-                msg.value, msg.key, reason, detail, msg
-            ),
+            dead_letters=service.dead_letters,
             model_source=lambda: service.predictor_,
             limits=wire.WireLimits(
                 max_message_bytes=cfg.max_message_bytes,

@@ -36,6 +36,7 @@ from spacenet.strategy.capacity import CapacityExhaustedError
 from spacenet.strategy.cl_metrics import AccuracyMatrix
 from spacenet.stream.checkpoint import CheckpointError, CheckpointStore
 from spacenet.stream.config import ServiceConfig, state_path
+from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.faults import maybe_crash
 from spacenet.stream.ingest import Ingest
 from spacenet.stream.learner import Learner, Predictor, TrainingAbandoned
@@ -43,11 +44,6 @@ from spacenet.stream.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 CAUGHT_UP_TIMEOUT_MS = 5000  # how long an idle-timeout check waits for the broker
-REASON_HEADER, DETAIL_HEADER, SOURCE_HEADER = (
-    "spacenet-reject-reason",
-    "spacenet-reject-detail",
-    "spacenet-source",
-)
 
 
 @dataclass(frozen=True)
@@ -77,7 +73,8 @@ class Service:
         self.m = telemetry.metrics
         self.learner = learner or Learner(cfg)
         self.store = CheckpointStore(state_path(cfg) / "checkpoints", keep=cfg.keep_checkpoints)
-        self.ingest = Ingest.from_config(cfg, self.m, self.dead_letter, state_path(cfg) / "spill")
+        self.dead_letters = DeadLetters(producer.send, cfg.dead_letter_topic, self.m)
+        self.ingest = Ingest.from_config(cfg, self.m, self.dead_letters, state_path(cfg) / "spill")
         self.detector, self.buffer, self.pending = (
             self.ingest.detector,
             self.ingest.buffer,
@@ -210,8 +207,8 @@ class Service:
                 len(self.buffer),
             )
             for batch in self.buffer.iter_batches():
-                self.ingest.dead_letter_records(batch, "capacity_exhausted")
-            self.m.capacity_exhausted(_limiting_layer(result.error))
+                self.dead_letters.records(batch, "capacity_exhausted", self.cfg.topic)
+            self.m.capacity_exhausted(result.error.layer)
             self._checkpoint_due = True
             return
         for task, (acc, n) in result.accuracy.items():
@@ -348,16 +345,6 @@ class Service:
             if tp.partition in self.positions_:
                 self.consumer.seek(tp, self.positions_[tp.partition])
 
-    # ------------------------------------------------------------- dead letters
-    def dead_letter(
-        self, value: bytes | None, key: bytes | None, reason: str, detail: str, msg: Any = None
-    ) -> None:
-        headers = [(REASON_HEADER, reason.encode()), (DETAIL_HEADER, detail[:500].encode(errors="replace"))]
-        if msg is not None:
-            headers.append((SOURCE_HEADER, f"{msg.topic}:{msg.partition}:{msg.offset}".encode()))
-        self.producer.send(self.cfg.dead_letter_topic, key=key, value=value or b"", headers=headers)
-        self.m.dead_lettered(reason)
-
     def _shutdown(self) -> None:
         self.learner.stop_.set()
         if self._job is not None:
@@ -385,11 +372,3 @@ class Service:
     @property
     def ready(self) -> tuple[bool, str]:
         return (not self.ready_reason_, self.ready_reason_ or "ok")
-
-
-def _limiting_layer(error: BaseException | None) -> str | None:
-    """The layer name a CapacityExhaustedError message starts with, if any."""
-    text = str(error or "")
-    if text.startswith("layer "):
-        return text[6:].split(":", 1)[0]
-    return "out" if "output layer" in text else None

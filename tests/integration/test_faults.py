@@ -39,9 +39,9 @@ import yaml
 
 from spacenet.stream import wire
 from spacenet.stream.checkpoint import CheckpointStore
+from spacenet.stream.dead_letters import REASON_HEADER, SOURCE_HEADER
 from spacenet.stream.faults import ENV as CRASH_ENV
 from spacenet.stream.predict import MODEL_VERSION_HEADER
-from spacenet.stream.service import REASON_HEADER, SOURCE_HEADER
 from tests.support import REPO_ROOT, load_local_kafka, poison
 from tests.support.service import (
     FAST_SETTINGS,

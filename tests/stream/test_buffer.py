@@ -193,8 +193,9 @@ def test_a_restored_buffer_goes_on_exactly_as_the_one_saved(tmp_path: Path) -> N
     restored.add_late(0, records(40_000, 300))
     np.testing.assert_array_equal(read_back(restored)[2], read_back(buf)[2])
     for task in (0, 1):
+        ours, theirs = restored.holdout(task), buf.holdout(task)
         for field in FIELDS:
-            np.testing.assert_array_equal(getattr(restored.holdout(task), field), getattr(buf.holdout(task), field))
+            np.testing.assert_array_equal(getattr(ours, field), getattr(theirs, field))
 
 
 def test_partitions_are_part_of_the_record_id() -> None:

@@ -18,6 +18,7 @@ from spacenet.stream import ingest as ingest_module
 from spacenet.stream import wire
 from spacenet.stream.boundary import BoundaryDetector
 from spacenet.stream.buffer import TaskBuffer
+from spacenet.stream.dead_letters import DETAIL_HEADER, REASON_HEADER, DeadLetters
 from spacenet.stream.ingest import Ingest
 from spacenet.stream.metrics import ServiceMetrics
 from spacenet.stream.records import PendingStore
@@ -60,14 +61,20 @@ def _run(messages: list[Message], poll: int, patch: Callable[[Ingest], None] | N
     """Feed ``messages`` ``poll`` at a time; what the ingest made of them."""
     registry = CollectorRegistry()
     dead: list[tuple[str, str]] = []
+
+    def send(topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        named = dict(headers)
+        dead.append((named[REASON_HEADER].decode(), named[DETAIL_HEADER].decode()))
+
+    metrics = ServiceMetrics(registry)
     ingest = Ingest(
         TOPIC,
         wire.WireLimits(expected_shape=SHAPE),
         BoundaryDetector(min_count=8, window=60, group_window=30),
         TaskBuffer(SHAPE, "uint8", holdout_fraction=0.2, holdout_max_per_task=25, seed=3),
         PendingStore(),
-        ServiceMetrics(registry),
-        dead_letter=lambda value, key, reason, detail, msg: dead.append((reason, detail)),
+        metrics,
+        DeadLetters(send, f"{TOPIC}.dlq", metrics),
     )
     if patch is not None:
         patch(ingest)
