@@ -7,7 +7,7 @@ One scenario (``observed``, module-scoped: the service starts in about 15 s and 
 stream takes a few more) feeds every test below. The service runs as a child process,
 as in production, so the registry, the HTTP endpoint and the process are the real ones.
 
-Boundary counting, as ``stream/service.py`` does it: every task *opening* counts once
+Boundary counting, as ``stream/ingest.py`` does it: every task *opening* counts once
 with its reason (``new_class`` here); closings count only when no opening caused them
 (``timeout``, ``record_limit``). The 3 tasks are streamed back to back, so tasks 0 and 1
 close when the next opens (not counted) and task 2 closes by the idle timeout: 3 + 1.

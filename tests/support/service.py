@@ -383,11 +383,11 @@ class ServiceThread:
         """Whether both of its consumers (training, predictions) got their partition in time."""
 
         def assigned() -> bool:
-            svc, predictions = self.runtime.service, self.runtime.predictions
+            loop, predictions = self.runtime.loop, self.runtime.predictions
             return bool(
-                svc is not None
+                loop is not None
                 and predictions is not None
-                and svc.consumer.assignment()
+                and loop.consumer.assignment()
                 and predictions.consumer.assignment()
             )
 
