@@ -12,7 +12,7 @@ system-deps:
 	@scripts/system-deps.sh
 
 kafka-jars: system-deps
-	@python3 deploy/kafka/local_kafka.py fetch >/dev/null
+	@python3 stream/tools/local_kafka.py fetch >/dev/null
 
 lint: setup
 	.venv/bin/ruff check $(CODE) tests deploy scripts

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from spacenet.stream import wire
-from spacenet.stream.metrics import ServiceMetrics
+from spacenet.stream.observability.metrics import ServiceMetrics
 from spacenet.stream.records import Records, offsets_of
 
 REASON_HEADER, DETAIL_HEADER, SOURCE_HEADER = (

@@ -17,7 +17,7 @@ this path against a plain kafka-python consumer.
 
     >>> from collections import deque
     >>> from prometheus_client import CollectorRegistry
-    >>> from spacenet.stream.metrics import ServiceMetrics
+    >>> from spacenet.stream.observability.metrics import ServiceMetrics
     >>> metrics = ServiceMetrics(CollectorRegistry())
     >>> ingest = Ingest(
     ...     "records", wire.WireLimits(expected_shape=(1, 2, 2)), BoundaryDetector(min_count=2),
@@ -48,7 +48,7 @@ from spacenet.stream.buffer import TaskBuffer
 from spacenet.stream.config import ServiceConfig
 from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.faults import maybe_crash
-from spacenet.stream.metrics import ServiceMetrics
+from spacenet.stream.observability.metrics import ServiceMetrics
 from spacenet.stream.records import ROW_BITS, PendingStore, Records, record_ids
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ from spacenet.stream.config import ServiceConfig, state_path
 from spacenet.stream.faults import maybe_crash
 from spacenet.stream.ingest import Closed
 from spacenet.stream.learner import TrainingAbandoned
-from spacenet.stream.telemetry import Telemetry
+from spacenet.stream.observability.telemetry import Telemetry
 from spacenet.stream.unit import StreamUnit, TaskResult
 
 log = logging.getLogger(__name__)

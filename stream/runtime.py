@@ -19,8 +19,8 @@ from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
 from spacenet.stream.learner import Learner
 from spacenet.stream.loop import Loop
+from spacenet.stream.observability.telemetry import Telemetry
 from spacenet.stream.predict import PredictionWorker
-from spacenet.stream.telemetry import Telemetry
 from spacenet.stream.unit import StreamUnit
 
 log = logging.getLogger(__name__)

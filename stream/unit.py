@@ -25,7 +25,7 @@ as one stream; a unit for one partition takes that partition only.
     >>> import numpy as np
     >>> from prometheus_client import CollectorRegistry
     >>> from spacenet.stream import wire
-    >>> from spacenet.stream.telemetry import Telemetry
+    >>> from spacenet.stream.observability.telemetry import Telemetry
     >>> cfg = ServiceConfig(
     ...     input_shape=(1, 2, 2), hidden=(8, 8), n_select=4, n_reserve=2, connections=(0.5, 0.5, 0.5),
     ...     min_count=2, group_window=8, holdout_fraction=0.0, device="cpu", state_dir=tempfile.mkdtemp())
@@ -65,7 +65,7 @@ from spacenet.stream.config import ServiceConfig, state_path
 from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.ingest import Closed, Ingest
 from spacenet.stream.learner import Learner, Predictor, TrainingAbandoned
-from spacenet.stream.telemetry import Telemetry
+from spacenet.stream.observability.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = 1

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from spacenet.stream.http import MetricsServer
+from spacenet.stream.observability.http import MetricsServer
 from tests.support.prometheus import PrometheusFactory
 from tests.support.service_metrics import drive, exposed_names, populated_registry, referenced_names
 

@@ -42,7 +42,8 @@ from spacenet.stream.checkpoint import CheckpointStore
 from spacenet.stream.dead_letters import REASON_HEADER, SOURCE_HEADER
 from spacenet.stream.faults import ENV as CRASH_ENV
 from spacenet.stream.predict import MODEL_VERSION_HEADER
-from tests.support import REPO_ROOT, load_local_kafka, poison
+from spacenet.stream.tools import local_kafka
+from tests.support import REPO_ROOT, poison
 from tests.support.service import (
     FAST_SETTINGS,
     Message,
@@ -329,7 +330,7 @@ def test_crash_during_and_after_a_checkpoint_write_learns_every_task_once(
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[Any]:
     """A broker for one test, which it may stop and start again (same port, same data)."""
-    broker = load_local_kafka().LocalKafka(tmp_path / "broker")
+    broker = local_kafka.LocalKafka(tmp_path / "broker")
     try:
         broker.start()
         yield broker

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from spacenet.stream import wire
 from spacenet.stream.dead_letters import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, DeadLetters
-from spacenet.stream.metrics import ServiceMetrics
+from spacenet.stream.observability.metrics import ServiceMetrics
 from spacenet.stream.records import Records, record_ids
 
 Message = namedtuple("Message", "topic partition offset key value headers")

@@ -20,7 +20,7 @@ from spacenet.stream.boundary import BoundaryDetector
 from spacenet.stream.buffer import TaskBuffer
 from spacenet.stream.dead_letters import DETAIL_HEADER, REASON_HEADER, DeadLetters
 from spacenet.stream.ingest import Ingest
-from spacenet.stream.metrics import ServiceMetrics
+from spacenet.stream.observability.metrics import ServiceMetrics
 from spacenet.stream.records import PendingStore
 
 SHAPE = (1, 2, 2)

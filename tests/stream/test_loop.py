@@ -30,7 +30,7 @@ from spacenet.stream.checkpoint import CheckpointStore
 from spacenet.stream.config import ServiceConfig
 from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.loop import Loop, checkpoint_dir
-from spacenet.stream.telemetry import Telemetry
+from spacenet.stream.observability.telemetry import Telemetry
 from spacenet.stream.unit import StreamUnit
 
 TOPIC = "t"

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from spacenet.stream.http import free_port
+from spacenet.stream.observability.http import free_port
 
 Result = list[dict[str, Any]]
 # Loopback only: never route through an HTTP proxy from the environment.

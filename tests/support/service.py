@@ -48,9 +48,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from spacenet.stream import wire
 from spacenet.stream.config import ServiceConfig
 from spacenet.stream.dead_letters import REASON_HEADER
-from spacenet.stream.http import free_port
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
-from spacenet.stream.produce import TOPIC_CONFIGS
+from spacenet.stream.observability.http import free_port
+from spacenet.stream.tools.produce import TOPIC_CONFIGS
 
 # A small model and a quick detector: tasks of a few hundred records learn in seconds.
 FAST_SETTINGS: dict[str, str] = {

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spacenet.strategy import SpaceNet, SpaceNetMLP
-from spacenet.stream.metrics import ServiceMetrics
-from spacenet.stream.metrics_collector import ModelState, ModelStateCollector
+from spacenet.stream.observability.metrics import ServiceMetrics
+from spacenet.stream.observability.metrics_collector import ModelState, ModelStateCollector
 
 # A series name, not part of a recording rule's ``level:metric:operations`` name.
 METRIC_NAME = re.compile(r"(?<![\w:])((?:spacenet|process)_[a-z0-9_]+)(?![\w:.])")

@@ -52,9 +52,9 @@ from spacenet.stream.config import ServiceConfig
 from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.ingest import Ingest
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
-from spacenet.stream.metrics import ServiceMetrics
+from spacenet.stream.observability.metrics import ServiceMetrics
 from spacenet.stream.procfs import status_bytes
-from spacenet.stream.produce import (
+from spacenet.stream.tools.produce import (
     TOPIC_CONFIGS,
     DatasetError,
     ProduceSummary,

@@ -1,6 +1,6 @@
 """``spacenet demo``: the whole pipeline on this machine, start to finish.
 
-Starts the project's local Kafka broker (deploy/kafka), runs ``spacenet serve`` as a
+Starts the project's local Kafka broker (``local_kafka.py``), runs ``spacenet serve`` as a
 child process, publishes split MNIST with ``spacenet produce``'s code (no markers:
 the service finds the task boundaries itself), waits until every task is learned,
 then sends the MNIST test set as prediction requests and scores the replies: the
@@ -16,7 +16,6 @@ everything.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import signal
 import subprocess
@@ -32,27 +31,12 @@ import numpy as np
 
 from spacenet.strategy.cl_metrics import AccuracyMatrix
 from spacenet.stream import wire
-from spacenet.stream.http import free_port
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
+from spacenet.stream.observability.http import free_port
 from spacenet.stream.predict import decode_reply
 from spacenet.stream.procfs import status_bytes
-from spacenet.stream.produce import load_dataset, produce_stream
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_local_kafka() -> Any:
-    path = REPO / "deploy" / "kafka" / "local_kafka.py"
-    if not path.is_file():
-        raise SystemExit(
-            "spacenet demo: deploy/kafka/local_kafka.py not found; run it from a checkout or pass "
-            "--bootstrap to use a running broker"
-        )
-    spec = importlib.util.spec_from_file_location("local_kafka", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from spacenet.stream.tools import local_kafka
+from spacenet.stream.tools.produce import load_dataset, produce_stream
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -85,7 +69,6 @@ def main(argv: Sequence[str]) -> int:
     if args.bootstrap:
         bootstrap = args.bootstrap
     else:
-        local_kafka = load_local_kafka()
         broker = local_kafka.LocalKafka(work / "kafka")
         t0 = time.perf_counter()
         bootstrap = broker.start()

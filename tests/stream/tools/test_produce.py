@@ -16,7 +16,7 @@ import torch
 
 from spacenet.stream import kafka_config, wire
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
-from spacenet.stream.produce import iter_messages, load_dataset, main, plan_tasks
+from spacenet.stream.tools.produce import iter_messages, load_dataset, main, plan_tasks
 from tests.support.service import read_topic
 
 LIMITS = wire.WireLimits()
