@@ -20,8 +20,6 @@ The rest of ``spacenet bench`` is apart from this loop: the command line in
 from __future__ import annotations
 
 import re
-import resource
-import sys
 import time
 import traceback
 import warnings
@@ -42,6 +40,7 @@ from spacenet.strategy.baselines import (
 )
 from spacenet.strategy.benchmarks import BENCHMARKS, build_benchmark
 from spacenet.strategy.cl_metrics import AccuracyMatrix
+from spacenet.strategy.rss import peak_rss_bytes
 
 _EXP_ACC = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/(?:.*/)?Exp(\d+)$")
 
@@ -72,25 +71,6 @@ def experience_accuracies(metrics: dict[str, Any]) -> dict[int, float]:
         if match:
             out[int(match.group(1))] = float(value)
     return out
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size, in bytes.
-
-    Linux: ``VmHWM`` from ``/proc/self/status``. ``getrusage(RUSAGE_SELF).ru_maxrss`` is
-    not used there because a spawned child inherits its parent's peak through exec: a
-    child of a 1.5 GB parent reports 1.5 GB before it allocates anything. Elsewhere:
-    ``ru_maxrss`` (KiB on Linux and BSD, bytes on macOS).
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def run_one(config: RunConfig) -> dict[str, Any]:

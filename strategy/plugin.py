@@ -14,7 +14,6 @@ which the streaming service drives directly as well.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from spacenet.strategy.calibration import TaskLogitNorm
 from spacenet.strategy.capacity import CapacityReport
-from spacenet.strategy.spacenet import PAPER_CONNECTIONS, ExhaustedPolicy, SpaceNet
+from spacenet.strategy.spacenet import SpaceNet
 
 
 def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
@@ -36,34 +35,13 @@ def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
 
 
 class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
-    """Avalanche plugin running SpaceNet; every argument goes to ``SpaceNet``, except
-    ``calibration`` (an option beyond the paper, see ``calibration.py``)."""
+    """Avalanche plugin running SpaceNet: ``spacenet_options`` are ``SpaceNet``'s parameters
+    (``n_select``, ``n_reserve``, ``connections``, ``seed``, ...; its defaults are the paper's);
+    ``calibration`` is an option beyond the paper (see ``calibration.py``)."""
 
-    def __init__(
-        self,
-        n_select: int | Sequence[int] = 80,
-        n_reserve: int | Sequence[int] = 40,
-        connections: Sequence[int | float] = PAPER_CONNECTIONS,
-        drop_fraction: float = 0.2,
-        seed: int = 0,
-        on_exhausted: ExhaustedPolicy = "error",
-        freeze_used_biases: bool = False,
-        hide_old_outputs: bool = True,
-        layer_names: Sequence[str] | None = None,
-        calibration: TaskLogitNorm | None = None,
-    ) -> None:
+    def __init__(self, *, calibration: TaskLogitNorm | None = None, **spacenet_options: Any) -> None:
         super().__init__()
-        self.spacenet = SpaceNet(
-            n_select=n_select,
-            n_reserve=n_reserve,
-            connections=connections,
-            drop_fraction=drop_fraction,
-            seed=seed,
-            on_exhausted=on_exhausted,
-            freeze_used_biases=freeze_used_biases,
-            hide_old_outputs=hide_old_outputs,
-            layer_names=layer_names,
-        )
+        self.spacenet = SpaceNet(**spacenet_options)
         self.calibration = calibration
         self.model_: nn.Module | None = None
         self._plain_sgd = False

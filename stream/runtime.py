@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from spacenet.stream import wire
 from spacenet.stream.config import ServiceConfig
 from spacenet.stream.dead_letters import DeadLetters
-from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
+from spacenet.stream.kafka_config import KafkaSettings, ensure_topics, training_consumer_options
 from spacenet.stream.learner import Learner
 from spacenet.stream.loop import Loop
 from spacenet.stream.observability.telemetry import Telemetry
@@ -70,24 +70,12 @@ class Runtime:
             ready=lambda: self.loop.ready if self.loop else (False, "starting"),
             health=self._healthy,
         )
-        ensure_topics(
-            self.kafka,
-            [cfg.topic, cfg.requests_topic, cfg.predictions_topic, cfg.models_topic, cfg.dead_letter_topic],
-        )
+        ensure_topics(self.kafka, cfg.topics)
         client = self.kafka.client_kwargs()
         producer = KafkaProducer(
             **client, max_request_size=max(cfg.max_message_bytes * 2, 1 << 20), linger_ms=5
         )
-        consumer = KafkaConsumer(
-            **client,
-            group_id=cfg.group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=cfg.max_poll_records,
-            session_timeout_ms=cfg.session_timeout_ms,
-            fetch_max_bytes=64 << 20,
-            max_partition_fetch_bytes=max(cfg.max_message_bytes, 1 << 20),
-        )
+        consumer = KafkaConsumer(**client, group_id=cfg.group, **training_consumer_options(cfg))
         dead_letters = DeadLetters(producer.send, cfg.dead_letter_topic, telemetry.metrics)
         # One unit for every partition of the topic: they are learned as one stream.
         unit = StreamUnit(cfg, telemetry, dead_letters, learner)

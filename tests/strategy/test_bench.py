@@ -78,17 +78,6 @@ def test_parse_args_defaults_and_errors(tmp_path: Path) -> None:
         bench_cli.parse_args(["--out", str(tmp_path), "--benchmark", "split_imagenet"])
 
 
-def _current_rss_bytes() -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) * 1024
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_peak_rss_bytes_is_at_least_the_current_rss() -> None:
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident
-    assert bench.peak_rss_bytes() >= _current_rss_bytes() > block.numel()
-
-
 def _run(seed: int, rows: list[list[float]], train_s: float) -> dict[str, Any]:
     matrix = AccuracyMatrix()
     for i, row in enumerate(rows):

@@ -80,7 +80,7 @@ def unique_name(prefix: str) -> str:
 
 
 def models_topic(topic: str) -> str:
-    return f"{topic}.models"
+    return ServiceConfig(topic=topic).models_topic
 
 
 def service_settings(
@@ -100,8 +100,9 @@ def service_settings(
 
 def create_topics(bootstrap: str, topic: str) -> None:
     """The training topic and the four the service derives from it, one partition each."""
-    names = [topic, *(f"{topic}.{s}" for s in ("requests", "predictions", "models", "dlq"))]
-    ensure_topics(KafkaSettings(bootstrap=bootstrap), names, configs=TOPIC_CONFIGS)
+    ensure_topics(
+        KafkaSettings(bootstrap=bootstrap), ServiceConfig(topic=topic).topics, configs=TOPIC_CONFIGS
+    )
 
 
 # ---------------------------------------------------------------------------- data
