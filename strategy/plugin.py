@@ -1,12 +1,25 @@
 """SpaceNet as an Avalanche plugin: drops into any ``SupervisedTemplate``.
 
-    >>> from avalanche.training import Naive                       # doctest: +SKIP
-    >>> plugin = SpaceNetPlugin(seed=0)                            # doctest: +SKIP
-    >>> strategy = Naive(model, torch.optim.SGD(model.parameters(), lr=0.01),
-    ...                  train_mb_size=128, train_epochs=4, plugins=[plugin])  # doctest: +SKIP
-    >>> for exp in benchmark.train_stream:                         # doctest: +SKIP
-    ...     strategy.train(exp)
-    >>> print(plugin.capacity().table())                           # doctest: +SKIP
+    >>> from avalanche.benchmarks import nc_benchmark
+    >>> from avalanche.training import Naive
+    >>> from avalanche.training.plugins import EvaluationPlugin
+    >>> from torch.utils.data import TensorDataset
+    >>> from spacenet.strategy.models import SpaceNetMLP
+    >>> _ = torch.manual_seed(0)
+    >>> data = TensorDataset(torch.rand(64, 1, 28, 28), torch.arange(64) % 4)
+    >>> data.targets = data.tensors[1]
+    >>> benchmark = nc_benchmark(data, data, n_experiences=2, task_labels=False, shuffle=False,
+    ...                          fixed_class_order=[0, 1, 2, 3])
+    >>> model = SpaceNetMLP()
+    >>> plugin = SpaceNetPlugin(seed=0)
+    >>> strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+    ...                  train_mb_size=32, train_epochs=1, plugins=[plugin],
+    ...                  evaluator=EvaluationPlugin(loggers=[]))
+    >>> for exp in benchmark.train_stream:
+    ...     _ = strategy.train(exp)
+    >>> report = plugin.capacity()                 # report.table() prints it for people
+    >>> report.tasks_learned, [layer.reserved_neurons for layer in report.layers]
+    (2, [80, 80, 4])
 
 The plugin is a thin adapter: the method lives in ``SpaceNet`` (``spacenet.py``),
 which the streaming service drives directly as well.

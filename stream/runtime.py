@@ -1,7 +1,11 @@
 """Wiring of one service process: Kafka clients, the stream unit, the poll loop, predictions, HTTP.
 
->>> runtime = Runtime(ServiceConfig.load(), CollectorRegistry())   # doctest: +SKIP
->>> runtime.run()                                                  # doctest: +SKIP
+``spacenet serve`` builds one ``Runtime`` and calls ``run()``, which returns when
+``stop()`` (signal-safe) is called; nothing connects before ``run()``:
+
+>>> runtime = Runtime(ServiceConfig(), CollectorRegistry())
+>>> runtime.stop(); runtime.loop is None          # run() would stop after restoring
+True
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Prometheus fixtures.
 Importing avalanche or matplotlib writes into ``$HOME``, so the environment is
 redirected here, at import time, before any test module imports them. Tests that use
 ``kafka_bootstrap`` are marked ``kafka`` and tests that use ``prometheus_factory`` are
-marked ``prometheus``, so ``pytest -m "not kafka and not prometheus"`` runs only the
-fast tests.
+marked ``prometheus``, so ``pytest -m "not kafka and not prometheus and not slow"``
+(``make test-fast``) runs only the fast tests.
 """
 
 from __future__ import annotations

@@ -11,12 +11,13 @@ the checkout or a module of the installed package:
 
 From Python (the test fixture and ``spacenet demo`` do this):
 
-    >>> broker = LocalKafka(run_dir)        # doctest: +SKIP
-    >>> broker.start()                      # doctest: +SKIP
-    '127.0.0.1:40123'
-    >>> broker.stop()                       # doctest: +SKIP
-    >>> broker.start(keep_data=True)        # doctest: +SKIP
-    '127.0.0.1:40123'
+    >>> import tempfile
+    >>> broker = LocalKafka(tempfile.mkdtemp())
+    >>> bootstrap = broker.start()          # '127.0.0.1:<a free port>'
+    >>> broker.stop()
+    >>> broker.start(keep_data=True) == bootstrap
+    True
+    >>> broker.stop()
 
 ``start(keep_data=True)`` restarts a stopped broker on the same ports with its topics,
 messages and committed offsets (for tests of a broker restart under a running client).

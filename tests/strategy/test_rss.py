@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import sys
 from pathlib import Path
 
@@ -10,14 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from spacenet.strategy import rss
 from spacenet.strategy.rss import peak_rss_bytes, rss_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(rss).failed == 0
 
 
 def _current_rss_bytes() -> int:

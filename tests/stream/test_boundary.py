@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import json
 from dataclasses import dataclass, field
 
@@ -11,7 +10,6 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from spacenet.stream import boundary
 from spacenet.stream.boundary import (
     Assignments,
     BoundaryDetector,
@@ -88,10 +86,6 @@ def drive(det: BoundaryDetector, labels: np.ndarray, batch: int = 64, caller: Ca
     for start in range(0, len(labels), batch):
         caller.take(det.observe(labels[start : start + batch]))
     return caller
-
-
-def test_docstring_examples() -> None:
-    assert doctest.testmod(boundary).failed == 0
 
 
 def test_clean_split_mnist_order_gives_five_tasks_of_two_classes() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +35,6 @@ def fill(buf: TaskBuffer, task: int, n_batches: int = 50, size: int = 10, dtype:
     buf.start_task(task)
     for b in range(n_batches):
         buf.add(records(task * 10_000 + b * size, size, dtype))
-
-
-def test_docstring_examples() -> None:
-    assert doctest.testmod(buffer).failed == 0
 
 
 def test_tiny_memory_limit_spills_and_returns_every_record_once_in_order(tmp_path: Path) -> None:

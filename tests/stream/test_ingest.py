@@ -4,7 +4,6 @@ path does, on streams with boundaries, noise, late records, markers and malforme
 from __future__ import annotations
 
 import collections
-import doctest
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from spacenet.stream import ingest as ingest_module
 from spacenet.stream import wire
 from spacenet.stream.boundary import BoundaryDetector
 from spacenet.stream.buffer import TaskBuffer
@@ -173,7 +171,3 @@ def test_a_closed_task_hands_back_the_rest_of_its_chunk(poll: int) -> None:
     # handle() returned right after each end marker's message, for the caller to checkpoint.
     ends = [m.offset for m in messages if dict(m.headers).get(wire.MARKER_HEADER) == b"task-end"]
     assert [positions[0] for *_, positions in got["closed"]] == [end + 1 for end in ends]
-
-
-def test_the_modules_example_runs() -> None:
-    assert doctest.testmod(ingest_module).failed == 0

@@ -14,10 +14,12 @@ cut into wire messages (``chunk``), sending (``send_all``), reading a topic to i
 (``read_topic``), following a topic as it grows (``TopicFollower``, e.g. the models
 topic), dead-letter reasons (``reject_reasons``) and a group's committed offsets.
 
-    >>> settings = service_settings(topic, "127.0.0.1:9092", state_dir)       # doctest: +SKIP
-    >>> with ServiceThread(settings) as svc, TopicFollower(bootstrap, models_topic(topic)) as models:
-    ...     send_all(producer, topic, chunk(images, labels))                   # doctest: +SKIP
-    ...     events = wait_for_models(models, tasks=3, service=svc)             # doctest: +SKIP
+Usage (as ``tests/integration/test_service.py`` runs it against the session's broker)::
+
+    settings = service_settings(topic, "127.0.0.1:9092", state_dir)
+    with ServiceThread(settings) as svc, TopicFollower(bootstrap, models_topic(topic)) as models:
+        send_all(producer, topic, chunk(images, labels))
+        events = wait_for_models(models, tasks=3, service=svc)
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Used to check that the dashboard and the alert rules only name series that exist.
 
-    >>> names = exposed_names(populated_registry())            # doctest: +SKIP
-    >>> "spacenet_layer_free_neurons" in names                  # doctest: +SKIP
+    >>> registry, metrics = populated_registry()
+    >>> "spacenet_layer_free_neurons" in exposed_names(registry)
     True
 """
 
