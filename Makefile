@@ -12,7 +12,7 @@ system-deps:
 	@scripts/system-deps.sh
 
 kafka-jars: system-deps
-	@python3 deploy/kafka/local_kafka.py fetch >/dev/null
+	@python3 stream/tools/local_kafka.py fetch >/dev/null
 
 lint: setup
 	.venv/bin/ruff check $(CODE) tests deploy scripts
@@ -24,9 +24,9 @@ lint: setup
 test: setup system-deps kafka-jars lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Unit tests only: no broker, no Prometheus.
+# Unit tests only: no broker, no Prometheus, nothing marked slow.
 test-fast: setup
-	$(PY) -m pytest -m "not kafka and not prometheus" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not kafka and not prometheus and not slow" $(PYTEST_ARGS)
 
 # The main job: the whole pipeline, locally (broker, producer, service).
 demo: setup system-deps kafka-jars

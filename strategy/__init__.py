@@ -1,6 +1,8 @@
 """SpaceNet, the method: sparse per-task training with neuron reservation, as an Avalanche plugin.
 
-    >>> from spacenet.strategy import SpaceNetPlugin, SpaceNetMLP   # doctest: +SKIP
+    >>> from spacenet.strategy import SpaceNetMLP, SpaceNetPlugin
+    >>> SpaceNetPlugin.__name__
+    'SpaceNetPlugin'
 
 ``SpaceNetPlugin`` imports Avalanche (slow to import), so it is loaded on first use.
 """

@@ -8,8 +8,10 @@ reference settings.
 
     >>> settings = TrainSettings(epochs=1)
     >>> from spacenet.strategy.benchmarks import BENCHMARKS
-    >>> model = make_model(BENCHMARKS["split_mnist"])               # doctest: +SKIP
-    >>> strategy = build_strategy("replay", model, settings, seed=0)  # doctest: +SKIP
+    >>> model = make_model(BENCHMARKS["split_mnist"])
+    >>> strategy = build_strategy("replay", model, settings, seed=0)
+    >>> type(model).__name__, type(strategy).__name__
+    ('SpaceNetMLP', 'Replay')
 
 Fixed hyper-parameters, stated once here and in each entry's description: EWC lambda
 1000 (separate mode), SI lambda 1, LwF alpha 1 and temperature 2, Replay and GDumb

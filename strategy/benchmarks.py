@@ -13,8 +13,8 @@ Normalisation (per channel, after scaling pixels to [0, 1]):
   per-pixel statistics; not the often copied (0.2023, 0.1994, 0.2010));
 - CIFAR-100: mean (0.5071, 0.4865, 0.4409), std (0.2673, 0.2564, 0.2762).
 
-    >>> bm = split_mnist(subset_per_class=100)                      # doctest: +SKIP
-    >>> [exp.classes_in_this_experience for exp in bm.train_stream]  # doctest: +SKIP
+    >>> bm = split_mnist(subset_per_class=100)
+    >>> [exp.classes_in_this_experience for exp in bm.train_stream]
     [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
 
 CIFAR files are checked against torchvision's md5s. ``verify=False`` only checks that

@@ -12,7 +12,12 @@ from dataclasses import asdict, dataclass, field
 
 
 class CapacityExhaustedError(RuntimeError):
-    """A task cannot be allocated: too few free neurons, connections or output units."""
+    """A task cannot be allocated: too few free neurons, connections or output units.
+    ``layer`` names the layer that ran out (None when not known)."""
+
+    def __init__(self, message: str, layer: str | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ When a seed folder exists (``$SPACENET_DATA_SEED``, else ``../shared/datasets`` 
 to the checkout), the dataset's files are copied from it into the root, never
 written into the seed. Otherwise torchvision downloads as usual.
 
-    >>> root = prepare_dataset("MNIST", root="/tmp/spacenet-data")   # doctest: +SKIP
-    >>> sorted(p.name for p in (root / "MNIST" / "raw").iterdir())[:1]  # doctest: +SKIP
+    >>> import tempfile
+    >>> root = prepare_dataset("MNIST", root=tempfile.mkdtemp())
+    >>> sorted(p.name for p in (root / "MNIST" / "raw").iterdir())[:1]
     ['t10k-images-idx3-ubyte.gz']
 """
 

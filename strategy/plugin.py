@@ -1,12 +1,25 @@
 """SpaceNet as an Avalanche plugin: drops into any ``SupervisedTemplate``.
 
-    >>> from avalanche.training import Naive                       # doctest: +SKIP
-    >>> plugin = SpaceNetPlugin(seed=0)                            # doctest: +SKIP
-    >>> strategy = Naive(model, torch.optim.SGD(model.parameters(), lr=0.01),
-    ...                  train_mb_size=128, train_epochs=4, plugins=[plugin])  # doctest: +SKIP
-    >>> for exp in benchmark.train_stream:                         # doctest: +SKIP
-    ...     strategy.train(exp)
-    >>> print(plugin.capacity().table())                           # doctest: +SKIP
+    >>> from avalanche.benchmarks import nc_benchmark
+    >>> from avalanche.training import Naive
+    >>> from avalanche.training.plugins import EvaluationPlugin
+    >>> from torch.utils.data import TensorDataset
+    >>> from spacenet.strategy.models import SpaceNetMLP
+    >>> _ = torch.manual_seed(0)
+    >>> data = TensorDataset(torch.rand(64, 1, 28, 28), torch.arange(64) % 4)
+    >>> data.targets = data.tensors[1]
+    >>> benchmark = nc_benchmark(data, data, n_experiences=2, task_labels=False, shuffle=False,
+    ...                          fixed_class_order=[0, 1, 2, 3])
+    >>> model = SpaceNetMLP()
+    >>> plugin = SpaceNetPlugin(seed=0)
+    >>> strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+    ...                  train_mb_size=32, train_epochs=1, plugins=[plugin],
+    ...                  evaluator=EvaluationPlugin(loggers=[]))
+    >>> for exp in benchmark.train_stream:
+    ...     _ = strategy.train(exp)
+    >>> report = plugin.capacity()                 # report.table() prints it for people
+    >>> report.tasks_learned, [layer.reserved_neurons for layer in report.layers]
+    (2, [80, 80, 4])
 
 The plugin is a thin adapter: the method lives in ``SpaceNet`` (``spacenet.py``),
 which the streaming service drives directly as well.
@@ -14,7 +27,6 @@ which the streaming service drives directly as well.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,8 +36,7 @@ from torch.utils.data import DataLoader
 
 from spacenet.strategy.calibration import TaskLogitNorm
 from spacenet.strategy.capacity import CapacityReport
-from spacenet.strategy.spacenet import PAPER_CONNECTIONS, ExhaustedPolicy, SpaceNet
-from spacenet.strategy.task_inference import TaskInference
+from spacenet.strategy.spacenet import SpaceNet
 
 
 def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
@@ -49,40 +60,17 @@ def dataset_tensors(dataset: Any, batch_size: int = 4096) -> tuple[Tensor, Tenso
 
 
 class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
-    """Avalanche plugin running SpaceNet; every argument goes to ``SpaceNet``, except
-    ``calibration`` (an option beyond the paper, see ``calibration.py``). With
-    ``task_inference``, each task's statistics are fitted from its experience's dataset
-    after training, and evaluation outputs are ``SpaceNet.infer``'s class log-probabilities."""
+    """Avalanche plugin running SpaceNet: ``spacenet_options`` are ``SpaceNet``'s parameters
+    (``n_select``, ``n_reserve``, ``connections``, ``seed``, ...; its defaults are the paper's);
+    ``calibration`` is an option beyond the paper (see ``calibration.py``). With SpaceNet's
+    ``task_inference``, each task's statistics are fitted from its experience's dataset after
+    training, and evaluation outputs are ``SpaceNet.infer``'s class log-probabilities."""
 
-    def __init__(
-        self,
-        n_select: int | Sequence[int] = 80,
-        n_reserve: int | Sequence[int] = 40,
-        connections: Sequence[int | float] = PAPER_CONNECTIONS,
-        drop_fraction: float = 0.2,
-        seed: int = 0,
-        on_exhausted: ExhaustedPolicy = "error",
-        freeze_used_biases: bool = False,
-        hide_old_outputs: bool = True,
-        layer_names: Sequence[str] | None = None,
-        calibration: TaskLogitNorm | None = None,
-        task_inference: TaskInference | None = None,
-    ) -> None:
+    def __init__(self, *, calibration: TaskLogitNorm | None = None, **spacenet_options: Any) -> None:
         super().__init__()
-        if calibration is not None and task_inference is not None:
+        self.spacenet = SpaceNet(**spacenet_options)
+        if calibration is not None and self.spacenet.task_inference is not None:
             raise ValueError("calibration and task_inference both rescore the outputs: choose one")
-        self.spacenet = SpaceNet(
-            n_select=n_select,
-            n_reserve=n_reserve,
-            connections=connections,
-            drop_fraction=drop_fraction,
-            seed=seed,
-            on_exhausted=on_exhausted,
-            freeze_used_biases=freeze_used_biases,
-            hide_old_outputs=hide_old_outputs,
-            layer_names=layer_names,
-            task_inference=task_inference,
-        )
         self.calibration = calibration
         self.model_: nn.Module | None = None
         self._plain_sgd = False

@@ -190,7 +190,8 @@ class SpaceNet:
         if int(free.sum()) < len(labels):
             raise CapacityExhaustedError(
                 f"the output layer has {out.out_units} units and {int((~free).sum())} are taken; "
-                f"a task with {len(labels)} new classes does not fit (declare a larger output layer)"
+                f"a task with {len(labels)} new classes does not fit (declare a larger output layer)",
+                layer=self.layer_names_[out.index],
             )
         chosen: list[int] = []
         # Prefer unit == label, so benchmarks with labels 0..C-1 keep an identity map.
@@ -211,7 +212,8 @@ class SpaceNet:
             if self.on_exhausted == "error" or free.numel() == 0:
                 raise CapacityExhaustedError(
                     f"layer {self.layer_names_[layer.index]}: {free.numel()} free neurons left, "
-                    f"a task needs {n} (on_exhausted={self.on_exhausted!r})"
+                    f"a task needs {n} (on_exhausted={self.on_exhausted!r})",
+                    layer=self.layer_names_[layer.index],
                 )
             n = free.numel()
         pick = free[torch.randperm(free.numel(), generator=self.generator_)[:n]]
@@ -226,7 +228,8 @@ class SpaceNet:
             if self.on_exhausted == "error" or candidates.numel() == 0:
                 raise CapacityExhaustedError(
                     f"layer {self.layer_names_[layer.index]}: {candidates.numel()} free connections "
-                    f"among the task's neurons, budget {wanted} (on_exhausted={self.on_exhausted!r})"
+                    f"among the task's neurons, budget {wanted} (on_exhausted={self.on_exhausted!r})",
+                    layer=self.layer_names_[layer.index],
                 )
             wanted = candidates.numel()
         pick = candidates[torch.randperm(candidates.numel(), generator=self.generator_)[:wanted]]

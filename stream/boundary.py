@@ -52,11 +52,11 @@ import numpy.typing as npt
 
 
 class Marker(enum.StrEnum):
-    """An explicit boundary: START applies before a batch's records, END after them. The
-    values are the wire format's, so ``observe`` also takes ``wire.Marker`` members."""
+    """An explicit task boundary, as the ``spacenet-marker`` header carries it (``wire.Marker``
+    is this enum): TASK_START applies before a batch's records, TASK_END after them."""
 
-    START = "task-start"
-    END = "task-end"
+    TASK_START = "task-start"
+    TASK_END = "task-end"
 
 
 class Outcome(enum.IntEnum):
@@ -177,7 +177,7 @@ class BoundaryDetector:
             self._check_timeout(now, out)
             if n or marker is not None:
                 self.last_time_ = now
-        if marker is Marker.START:
+        if marker is Marker.TASK_START:
             self._start_marker(marker_task, out)
         other: npt.NDArray[np.bool_] | None = None  # per record: not of the open task's classes
         other_of: tuple[int, int] | None = None  # the (task, number of classes) of ``other``
@@ -196,7 +196,7 @@ class BoundaryDetector:
                     continue
             self._one(i, values[i], out)
             i += 1
-        if marker is Marker.END:
+        if marker is Marker.TASK_END:
             self._end_marker(marker_task, n, out)
         self._flush_expired(n, out)
         return out

@@ -8,11 +8,14 @@ most ``holdout_max_per_task`` of them by reservoir sampling with a counter-based
 generator, and a record the reservoir passes over or evicts joins training instead.
 So held-out and training never overlap and, for stable ids such as Kafka offsets, a
 replay splits the same way. Held-out samples outlive ``clear()``: they measure
-forgetting later, and ``save_holdout`` / ``load_holdout`` carry them in checkpoints.
+forgetting later. ``state_dict`` / ``load_state_dict`` carry the open task's records and
+every held-out sample (with its reservoir's count) in a checkpoint, as they are: restoring
+splits nothing again.
 
     >>> buf = TaskBuffer((2,), "uint8", holdout_fraction=0.5, seed=0)
     >>> buf.start_task(0)
-    >>> buf.add(np.arange(20, dtype=np.uint8).reshape(10, 2), np.zeros(10), np.arange(10))
+    >>> x, ids = np.arange(20, dtype=np.uint8).reshape(10, 2), np.arange(10)
+    >>> buf.add(Records(x, np.zeros(10, np.int64), np.zeros(10, np.int32), ids))
     >>> len(buf) + len(buf.holdout(0).labels)
     10
     >>> x, y = buf.dataset()[0]
@@ -42,6 +45,8 @@ import pyarrow as pa
 import torch
 from torch.utils.data import Dataset
 
+from spacenet.stream.records import FIELDS, Records, pack, unpack
+
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
@@ -58,38 +63,6 @@ def _hash(*keys: npt.ArrayLike) -> npt.NDArray[np.uint64]:
     for key in keys:
         h = _mix(h ^ np.asarray(key).astype(np.int64).view(np.uint64))
     return h
-
-
-@dataclass(frozen=True)
-class Records:
-    """Rows of records: features (n, *shape), labels, Kafka partitions and ids/offsets."""
-
-    features: npt.NDArray[Any]
-    labels: npt.NDArray[np.int64]
-    partitions: npt.NDArray[np.int32]
-    ids: npt.NDArray[np.int64]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.features, self.labels, self.partitions, self.ids))
-
-    def records(self) -> Records:
-        """These records (as ``_Blocks.records`` copies its rows into)."""
-        return self
-
-    def take(self, rows: npt.ArrayLike) -> Records:
-        r = np.asarray(rows, dtype=np.intp)  # np.take gathers rows about twice as fast as x[r]
-        return Records(*(np.take(getattr(self, f), r, axis=0) for f in _FIELDS))
-
-    @staticmethod
-    def concat(parts: Sequence[Records]) -> Records:
-        return Records(*(np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS))
-
-
-_FIELDS = ("features", "labels", "partitions", "ids")
 
 
 def _gather(
@@ -190,7 +163,7 @@ class _Reservoir:
         self.seen += len(index)
         rows = self._reserve(min(self.seen, self.cap), recs)
         fill = index[filling]
-        for f in _FIELDS:
+        for f in FIELDS:
             getattr(rows, f)[self.n : self.n + len(fill)] = np.take(getattr(recs, f), fill, axis=0)
         self.n += len(fill)
         replacing = np.flatnonzero(~filling & (slots < self.cap))
@@ -214,7 +187,7 @@ class _Reservoir:
         evicts_new = order[~first]  # these evict the record its slot's previous replacement put there
         previous = replacing[order[np.flatnonzero(~first) - 1]]
         evicted = {}
-        for f in _FIELDS:
+        for f in FIELDS:
             sample, offered = getattr(rows, f), getattr(recs, f)
             out = evicted[f] = np.empty((len(order), *offered.shape[1:]), offered.dtype)
             out[evicts_old] = sample[slots[evicts_old]]  # copied before the writes below
@@ -226,12 +199,7 @@ class _Reservoir:
         have = 0 if self.rows is None else len(self.rows)
         if self.rows is None or size > have:
             size = min(self.cap, max(size, 2 * have))
-            pad = Records(
-                np.zeros((size - have, *like.features.shape[1:]), like.features.dtype),
-                np.zeros(size - have, np.int64),
-                np.zeros(size - have, np.int32),
-                np.zeros(size - have, np.int64),
-            )
+            pad = Records.empty(like.features.shape[1:], like.features.dtype, size - have)
             self.rows = pad if self.rows is None else Records.concat([self.rows, pad])
         return self.rows
 
@@ -289,25 +257,19 @@ class TaskBuffer:
             raise RuntimeError(f"task {self.task_} still holds {len(self)} records: clear() it first")
         self.task_ = task
 
-    def add(
-        self,
-        features: npt.ArrayLike,
-        labels: npt.ArrayLike,
-        ids: npt.ArrayLike,
-        partitions: npt.ArrayLike | None = None,
-    ) -> None:
-        """Add records of the open task: held-out or training, never both. ``ids`` with
-        ``partitions`` (default 0) name each record stably, e.g. Kafka offsets. The buffer
-        copies what it keeps, so the caller may reuse or overwrite ``features`` afterwards."""
-        recs = self._records(features, labels, ids, partitions)
-        self._add(recs.labels, recs.ids, recs.partitions, lambda rows: np.take(recs.features, rows, axis=0))
+    def add(self, records: Records) -> None:
+        """Add records of the open task: held-out or training, never both. Their
+        ``(partitions, ids)`` name them stably (Kafka partition and ``record_ids``). The
+        buffer copies what it keeps, so the caller may reuse or overwrite its arrays."""
+        recs = self._checked(records)
+        self._add(recs.labels, recs.partitions, recs.ids, lambda rows: np.take(recs.features, rows, axis=0))
 
     def add_blocks(
         self,
         blocks: Sequence[npt.NDArray[Any]],
         labels: npt.ArrayLike,
+        partitions: npt.ArrayLike,
         ids: npt.ArrayLike,
-        partitions: npt.ArrayLike | None = None,
     ) -> None:
         """``add`` for records whose features come in blocks of rows (e.g. one per message),
         in order. Read-only blocks are kept by reference, not copied (their records are
@@ -315,7 +277,8 @@ class TaskBuffer:
 
         >>> buf = TaskBuffer((2,), "uint8", holdout_fraction=0.0)
         >>> buf.start_task(0)
-        >>> buf.add_blocks([np.zeros((2, 2), np.uint8), np.ones((1, 2), np.uint8)], [0, 0, 1], [0, 1, 2])
+        >>> blocks = [np.zeros((2, 2), np.uint8), np.ones((1, 2), np.uint8)]
+        >>> buf.add_blocks(blocks, labels=[0, 0, 1], partitions=[0, 0, 0], ids=[0, 1, 2])
         >>> next(buf.iter_batches()).features.tolist()
         [[0, 0], [0, 0], [1, 1]]
         """
@@ -330,7 +293,7 @@ class TaskBuffer:
                 block.flags.writeable = False
             shaped.append(block)
         starts = np.cumsum([0, *map(len, shaped)])
-        y, p, i = self._columns(int(starts[-1]), labels, ids, partitions)
+        y, p, i = self._columns(int(starts[-1]), labels, partitions, ids)
 
         def gather(rows: npt.NDArray[np.intp]) -> npt.NDArray[Any]:
             if not len(rows):
@@ -340,13 +303,13 @@ class TaskBuffer:
         def keep(rows: npt.NDArray[np.intp]) -> _Blocks:
             return _Blocks(shaped, starts, rows, y[rows], p[rows], i[rows])
 
-        self._add(y, i, p, gather, keep)
+        self._add(y, p, i, gather, keep)
 
     def _add(
         self,
         labels: npt.NDArray[np.int64],
-        ids: npt.NDArray[np.int64],
         partitions: npt.NDArray[np.int32],
+        ids: npt.NDArray[np.int64],
         gather: Callable[[npt.NDArray[np.intp]], npt.NDArray[Any]],
         keep: Callable[[npt.NDArray[np.intp]], Records | _Blocks] | None = None,
     ) -> None:
@@ -368,23 +331,20 @@ class TaskBuffer:
             if keep is not None
             else Records(gather(rows), labels[rows], partitions[rows], ids[rows])
         )
-        for chunk in [c for c in [train, *evicted] if len(c)]:
+        self._keep([train, *evicted])
+
+    def _keep(self, chunks: Sequence[Records | _Blocks]) -> None:
+        """Append training chunks, spilling past the memory limit."""
+        for chunk in [c for c in chunks if len(c)]:
             self._chunks.append(chunk)
             self._chunk_bytes += chunk.nbytes
         if self._chunk_bytes > self.max_memory_bytes:
             self._spill()
 
-    def add_late(
-        self,
-        task: int,
-        features: npt.ArrayLike,
-        labels: npt.ArrayLike,
-        ids: npt.ArrayLike,
-        partitions: npt.ArrayLike | None = None,
-    ) -> None:
+    def add_late(self, task: int, records: Records) -> None:
         """Offer records of a closed task's classes to that task's held-out sample (they
         are never trained; beyond the cap the reservoir keeps a uniform sample)."""
-        recs = self._records(features, labels, ids, partitions)
+        recs = self._checked(records)
         self._holdout.setdefault(task, _Reservoir(self.holdout_max_per_task)).offer(recs, self.seed, task)
 
     def clear(self) -> None:
@@ -442,53 +402,60 @@ class TaskBuffer:
         return sum(p.stat().st_size for p in self.spilled_files_)
 
     # ---- checkpoints ------------------------------------------------------------------
-    def save_holdout(self, directory: str | os.PathLike[str]) -> list[Path]:
-        """Write one Arrow IPC file per task (atomically: temp file, then rename)."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for task, reservoir in sorted(self._holdout.items()):
-            if reservoir.rows is None:
-                continue
-            path = out / f"holdout-{task}.arrow"
-            meta = {"task": task, "seen": reservoir.seen}
-            self._write(path.with_suffix(".tmp"), reservoir.sample(), meta)
-            os.replace(path.with_suffix(".tmp"), path)
-            paths.append(path)
-        return paths
+    def state_dict(self) -> dict[str, Any]:
+        """The open task and its training records, and every task's held-out sample with its
+        reservoir's count of records offered, as tensors for a checkpoint."""
+        samples = {t: r for t, r in sorted(self._holdout.items()) if r.rows is not None}
+        return {
+            "open_task": -1 if self.task_ is None else int(self.task_),
+            "open_records": pack(Records.concat(list(self.iter_batches()))) if len(self) else {},
+            "holdout": {str(t): pack(r.sample()) for t, r in samples.items()},
+            "holdout_seen": {str(t): r.seen for t, r in samples.items()},
+        }
 
-    def load_holdout(self, directory: str | os.PathLike[str]) -> None:
-        """Replace every held-out sample with those saved in ``directory``."""
-        loaded = {}
-        for path in sorted(Path(directory).glob("holdout-*.arrow")):
-            with pa.OSFile(str(path)) as src:
-                table = pa.ipc.open_file(src).read_all()
-            meta = json.loads(table.schema.metadata[b"spacenet"])
-            if meta["shape"] != list(self.feature_shape) or meta["dtype"] != self.dtype:
-                raise ValueError(f"{path}: features {meta['shape']} {meta['dtype']} do not match this buffer")
-            rows = Records.concat([self._from_batch(b) for b in table.to_batches()])
-            loaded[int(meta["task"])] = _Reservoir(self.holdout_max_per_task, int(meta["seen"]), rows)
-        self._holdout = loaded
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output exactly as it was saved: the open task's records
+        stay training records and each reservoir keeps its count, so nothing is split again."""
+        self.clear()
+        seen = state.get("holdout_seen", {})  # absent in checkpoints written before it was kept
+        self._holdout = {}
+        for task, packed in state["holdout"].items():
+            rows = self._restored(packed)
+            count = int(seen.get(task, len(rows)))
+            self._holdout[int(task)] = _Reservoir(self.holdout_max_per_task, count, rows)
+        if state["open_task"] >= 0:
+            self.start_task(int(state["open_task"]))
+            if state["open_records"]:
+                self._keep([self._restored(state["open_records"])])
 
     # ---- helpers ----------------------------------------------------------------------
-    def _records(
-        self, features: npt.ArrayLike, labels: npt.ArrayLike, ids: npt.ArrayLike, parts: npt.ArrayLike | None
-    ) -> Records:
-        x = np.asarray(features)
+    def _checked(self, records: Records) -> Records:
+        """``records`` with this buffer's feature dtype and shape and Records' column dtypes."""
+        x = np.asarray(records.features)
         if x.dtype != self.dtype and not (self.dtype == "float32" and x.dtype.kind == "f"):
             raise TypeError(f"features are {x.dtype}, this buffer holds {self.dtype}")
         n = len(x)
         x = x.astype(self.dtype, copy=False).reshape(n, *self.feature_shape)
-        return Records(x, *self._columns(n, labels, ids, parts))
+        return Records(x, *self._columns(n, records.labels, records.partitions, records.ids))
+
+    def _restored(self, packed: dict[str, Any]) -> Records:
+        """Records of a checkpoint, which must hold features of this buffer's shape and dtype."""
+        recs = unpack(packed)
+        if recs.features.shape[1:] != self.feature_shape or recs.features.dtype != self.dtype:
+            raise ValueError(
+                f"checkpoint features {recs.features.shape[1:]} {recs.features.dtype} do not match "
+                f"this buffer's {self.feature_shape} {self.dtype}"
+            )
+        return recs
 
     @staticmethod
     def _columns(
-        n: int, labels: npt.ArrayLike, ids: npt.ArrayLike, parts: npt.ArrayLike | None
+        n: int, labels: npt.ArrayLike, partitions: npt.ArrayLike, ids: npt.ArrayLike
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.int64]]:
         """Labels, partitions and ids of ``n`` records, in Records' order and dtypes."""
-        y = np.asarray(labels).astype(np.int64).reshape(n)
-        i = np.asarray(ids).astype(np.int64).reshape(n)
-        p = np.zeros(n, np.int32) if parts is None else np.asarray(parts).astype(np.int32).reshape(n)
+        y = np.asarray(labels).astype(np.int64, copy=False).reshape(n)
+        p = np.asarray(partitions).astype(np.int32, copy=False).reshape(n)
+        i = np.asarray(ids).astype(np.int64, copy=False).reshape(n)
         return y, p, i
 
     def _scale(self, scale: float | None) -> float:

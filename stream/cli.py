@@ -15,11 +15,14 @@ from collections.abc import Callable, Sequence
 
 # name -> (module with main(argv), one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("spacenet.stream.demo", "run the whole pipeline locally: broker, producer, service"),
+    "demo": ("spacenet.stream.tools.demo", "run the whole pipeline locally: broker, producer, service"),
     "serve": ("spacenet.stream.serve", "the streaming service: learn from Kafka, serve predictions"),
-    "produce": ("spacenet.stream.produce", "publish a dataset to Kafka as a class-incremental stream"),
-    "bench": ("spacenet.strategy.bench", "reproduce the paper's benchmarks beside Avalanche baselines"),
-    "ingest-bench": ("spacenet.stream.ingest_bench", "measure ingest throughput against plain kafka-python"),
+    "produce": ("spacenet.stream.tools.produce", "publish a dataset to Kafka as a class-incremental stream"),
+    "bench": ("spacenet.strategy.bench_cli", "reproduce the paper's benchmarks beside Avalanche baselines"),
+    "ingest-bench": (
+        "spacenet.stream.tools.ingest_bench",
+        "measure ingest throughput against plain kafka-python",
+    ),
 }
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SPACENET_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,17 @@ class ServiceConfig:
             raise ValueError(f"connections needs {len(self.hidden) + 1} values (hidden layers + output)")
 
     @property
+    def topics(self) -> tuple[str, ...]:
+        """The training topic and the four the service derives from it."""
+        return (
+            self.topic,
+            self.requests_topic,
+            self.predictions_topic,
+            self.models_topic,
+            self.dead_letter_topic,
+        )
+
+    @property
     def spacenet_connections(self) -> tuple[int | float, ...]:
         """Budgets as SpaceNet wants them: whole numbers are counts, fractions densities."""
         return tuple(int(c) if float(c).is_integer() and c > 1 else float(c) for c in self.connections)
@@ -134,11 +146,7 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     origin = typing.get_origin(kind)
     try:
         if kind is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError(value)
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
+            return parse_bool(name, value) if isinstance(value, str) else bool(value)
         if origin is tuple:
             item = typing.get_args(kind)[0]
             parts = value.split(",") if isinstance(value, str) else list(value)
@@ -148,6 +156,14 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         return kind(value)
     except (TypeError, ValueError) as e:
         raise ValueError(f"setting {name}: cannot read {value!r} as {kind}") from e
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    """``raw`` (1/0, true/false, yes/no, on/off, any case) as a bool; ``name`` is for the error."""
+    value = raw.strip().lower()
+    if value not in _TRUE | _FALSE:
+        raise ValueError(f"{name} must be true or false, got {raw!r}")
+    return value in _TRUE
 
 
 def state_path(cfg: ServiceConfig) -> Path:

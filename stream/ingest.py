@@ -17,11 +17,12 @@ this path against a plain kafka-python consumer.
 
     >>> from collections import deque
     >>> from prometheus_client import CollectorRegistry
-    >>> from spacenet.stream.metrics import ServiceMetrics
+    >>> from spacenet.stream.observability.metrics import ServiceMetrics
+    >>> metrics = ServiceMetrics(CollectorRegistry())
     >>> ingest = Ingest(
     ...     "records", wire.WireLimits(expected_shape=(1, 2, 2)), BoundaryDetector(min_count=2),
     ...     TaskBuffer((1, 2, 2), "uint8", holdout_fraction=0.0), PendingStore(),
-    ...     ServiceMetrics(CollectorRegistry()), dead_letter=print)
+    ...     metrics, DeadLetters(print, "records.dlq", metrics))
     >>> Message = collections.namedtuple("Message", "topic partition offset key value headers")
     >>> value = wire.encode(np.zeros((4, 1, 2, 2), np.uint8), [3, 3, 3, 3])
     >>> backlog = deque([Message("records", 0, 7, None, value, wire.make_headers())])
@@ -34,7 +35,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +44,16 @@ import numpy.typing as npt
 
 from spacenet.stream import wire
 from spacenet.stream.boundary import Assignments, BoundaryDetector, Event, EventKind, Outcome
-from spacenet.stream.buffer import Records, TaskBuffer
+from spacenet.stream.buffer import TaskBuffer
 from spacenet.stream.config import ServiceConfig
+from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.faults import maybe_crash
-from spacenet.stream.metrics import ServiceMetrics
-from spacenet.stream.records import PendingStore
+from spacenet.stream.observability.metrics import ServiceMetrics
+from spacenet.stream.records import ROW_BITS, PendingStore, Records, record_ids
 
 log = logging.getLogger(__name__)
-ROW_BITS = 16  # record id = offset << 16 | row within the message
 STASH_BYTES = 16 << 20  # fast-path records gathered before they go into the buffer
 CHUNK_MESSAGES = 32  # messages decoded, then checked by the detector together
-# (value, key, reason, detail, source message or None): sends one dead letter
-DeadLetter = Callable[[bytes | None, bytes | None, str, str, Any], None]
 Closed = tuple[int, tuple[int, ...]]  # a task that closed with training records, and its classes
 Decoding = tuple[wire.Decoded | wire.WireError, float]  # a message or why not, and the seconds taken
 
@@ -73,7 +72,7 @@ class Ingest:
         buffer: TaskBuffer,
         pending: PendingStore,
         metrics: ServiceMetrics,
-        dead_letter: DeadLetter,
+        dead_letters: DeadLetters,
         dtype: str = "uint8",
     ) -> None:
         self.topic = topic
@@ -82,7 +81,7 @@ class Ingest:
         self.buffer = buffer
         self.pending = pending
         self.m = metrics
-        self.dead_letter = dead_letter
+        self.dead_letters = dead_letters
         self.dtype = np.dtype(dtype)
         self.positions_ = {}
         self._stash: list[tuple[npt.NDArray[Any], npt.NDArray[np.int64], int, int]] = []
@@ -90,7 +89,7 @@ class Ingest:
 
     @classmethod
     def from_config(
-        cls, cfg: ServiceConfig, metrics: ServiceMetrics, dead_letter: DeadLetter, spill_dir: Path
+        cls, cfg: ServiceConfig, metrics: ServiceMetrics, dead_letters: DeadLetters, spill_dir: Path
     ) -> Ingest:
         """The ingest of ``spacenet serve`` with these settings, spilling into ``spill_dir``."""
         limits = wire.WireLimits(
@@ -115,7 +114,7 @@ class Ingest:
             holdout_max_per_task=cfg.holdout_max_per_task,
             seed=cfg.seed,
         )
-        return cls(cfg.topic, limits, detector, buffer, PendingStore(), metrics, dead_letter)
+        return cls(cfg.topic, limits, detector, buffer, PendingStore(), metrics, dead_letters)
 
     def handle(self, backlog: collections.deque[Any]) -> Iterator[Closed]:
         """Handle messages from the front of ``backlog`` until it is empty or a message
@@ -159,10 +158,10 @@ class Ingest:
             elif kind == EventKind.RELEASED:
                 recs = self.pending.take(event.seqs)
                 self._ensure_open(int(event.task))  # type: ignore[arg-type]
-                self.buffer.add(recs.features, recs.labels, recs.ids, recs.partitions)
+                self.buffer.add(recs)
             elif kind == EventKind.EXPIRED:
                 recs = self.pending.take(event.seqs)
-                self.dead_letter_records(recs, "unconfirmed_class")
+                self.dead_letters.records(recs, "unconfirmed_class", self.topic)
                 self.m.routed("noise", len(recs))
             elif kind == EventKind.DISAGREEMENT:
                 log.warning("markers and detector disagree: %s (task %s)", event.reason, event.task)
@@ -180,13 +179,6 @@ class Ingest:
                 if len(self.buffer):
                     yield int(event.task), tuple(int(c) for c in event.classes)  # type: ignore[arg-type]
                 self.buffer.clear()
-
-    def dead_letter_records(self, recs: Records, reason: str) -> None:
-        """Well-formed records the service cannot learn: re-encoded, one message per record."""
-        for i in range(len(recs)):
-            value = wire.encode(recs.features[i : i + 1], recs.labels[i : i + 1])
-            src = f"{self.topic}:{int(recs.partitions[i])}:{int(recs.ids[i]) >> ROW_BITS}"
-            self.dead_letter(value, None, reason, f"record {src}", None)
 
     # ------------------------------------------------------------------ messages
     def _decode(self, msg: Any) -> Decoding:
@@ -235,7 +227,7 @@ class Ingest:
 
     def _message(self, msg: Any, decoded: wire.Decoded | wire.WireError, seconds: float) -> Iterator[Closed]:
         if isinstance(decoded, wire.WireError):
-            self.dead_letter(msg.value, msg.key, decoded.reason.value, decoded.detail, msg)
+            self.dead_letters.message(msg, decoded.reason.value, decoded.detail)
             self.m.rejected(decoded.reason.value, seconds)
             return
         self.m.consumed(msg.topic, msg.partition, decoded.num_records, seconds)
@@ -249,14 +241,14 @@ class Ingest:
             return
         self._flush()  # the buffer in stream order before anything else touches it
         features = decoded.values if n else np.zeros((0, *self.buffer.feature_shape), self.dtype)
-        ids = (np.int64(msg.offset) << ROW_BITS) + np.arange(n, dtype=np.int64)
-        parts = np.full(n, msg.partition, np.int64)
+        partitions = np.full(n, msg.partition, np.int32)
+        recs = Records(features, labels, partitions, record_ids([msg.offset], [n]))
         cursor = 0
         for event in res.events:
-            self._route(res, features, labels, ids, parts, cursor, event.index)
+            self._route(res, recs, cursor, event.index)
             cursor = event.index
             yield from self.events([event])
-        self._route(res, features, labels, ids, parts, cursor, n)
+        self._route(res, recs, cursor, n)
 
     def _stash_records(
         self, values: npt.NDArray[Any], labels: npt.NDArray[np.int64], offset: int, partition: int
@@ -273,26 +265,16 @@ class Ingest:
             return
         stash, self._stash, self._stash_bytes = self._stash, [], 0
         counts = [len(labels) for _, labels, _, _ in stash]
-        rows = np.arange(sum(counts), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-        offsets = np.repeat(np.array([offset for *_, offset, _ in stash], np.int64), counts)
         self.buffer.add_blocks(
             [values for values, *_ in stash],
             np.concatenate([labels for _, labels, _, _ in stash]),
-            (offsets << ROW_BITS) + rows,
-            np.repeat(np.array([partition for *_, partition in stash], np.int64), counts),
+            np.repeat(np.array([partition for *_, partition in stash], np.int32), counts),
+            record_ids([offset for *_, offset, _ in stash], counts),
         )
-        self.m.routed("train", len(rows))
+        self.m.routed("train", sum(counts))
 
-    def _route(
-        self,
-        res: Assignments,
-        features: npt.NDArray[Any],
-        labels: npt.NDArray[np.int64],
-        ids: npt.NDArray[np.int64],
-        parts: npt.NDArray[np.int64],
-        lo: int,
-        hi: int,
-    ) -> None:
+    def _route(self, res: Assignments, recs: Records, lo: int, hi: int) -> None:
+        """Route records ``lo:hi`` of a message by their outcomes in ``res``."""
         if hi <= lo:
             return
         outcome, tasks = res.outcome[lo:hi], res.task[lo:hi]
@@ -300,16 +282,16 @@ class Ingest:
         train = sl[outcome == Outcome.TRAIN]
         if train.size:
             self._ensure_open(int(tasks[train[0] - lo]))
-            self.buffer.add(features[train], labels[train], ids[train], parts[train])
+            self.buffer.add(recs.take(train))
             self.m.routed("train", int(train.size))
         pend = sl[outcome == Outcome.PENDING]
         if pend.size:
-            self.pending.put(res.first_seq + pend, features[pend], labels[pend], parts[pend], ids[pend])
+            self.pending.put(res.first_seq + pend, recs.take(pend))
             self.m.routed("pending", int(pend.size))
         late = sl[outcome == Outcome.LATE]
         for task in np.unique(tasks[late - lo]).tolist() if late.size else []:
             rows = late[tasks[late - lo] == task]
-            self.buffer.add_late(int(task), features[rows], labels[rows], ids[rows], parts[rows])
+            self.buffer.add_late(int(task), recs.take(rows))
             self.m.routed("late", int(rows.size))
 
     def _ensure_open(self, task: int) -> None:

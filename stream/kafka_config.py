@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spacenet.stream.config import ServiceConfig, parse_bool
+
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 ENV_PREFIX = "SPACENET_KAFKA_"
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class KafkaSettings:
             if f.name == "bootstrap_timeout_ms":
                 values[f.name] = int(raw)
             elif f.name == "ssl_check_hostname":
-                values[f.name] = _parse_bool(prefix + f.name.upper(), raw)
+                values[f.name] = parse_bool(prefix + f.name.upper(), raw)
             elif f.name in ("security_protocol", "sasl_mechanism"):
                 values[f.name] = raw.strip().upper()
             else:
@@ -153,11 +154,18 @@ class KafkaSettings:
             ) from e
 
 
-def _parse_bool(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value not in _TRUE | _FALSE:
-        raise ValueError(f"{name} must be true or false, got {raw!r}")
-    return value in _TRUE
+def training_consumer_options(cfg: ServiceConfig) -> dict[str, Any]:
+    """How ``spacenet serve`` opens its training consumer, beside ``client_kwargs()`` and the
+    group: no auto commit (offsets follow checkpoints), from the earliest offset, fetches
+    sized for the largest accepted message; kafka-python's defaults for everything else."""
+    return {
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_poll_records": cfg.max_poll_records,
+        "session_timeout_ms": cfg.session_timeout_ms,
+        "fetch_max_bytes": 64 << 20,
+        "max_partition_fetch_bytes": max(cfg.max_message_bytes, 1 << 20),
+    }
 
 
 def ensure_topics(

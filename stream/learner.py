@@ -6,9 +6,21 @@ Avalanche's ``Naive`` template and the plugin; ``evaluate`` scores every task's
 held-out sample; ``frozen_copy`` gives the read-only ``Predictor`` that serves
 predictions while the next task trains.
 
-    >>> cfg = ServiceConfig(epochs=1)                       # doctest: +SKIP
-    >>> learner = Learner(cfg, device="cpu")                # doctest: +SKIP
-    >>> learner.train_task(dataset, classes=[0, 1])         # doctest: +SKIP
+    >>> import numpy as np
+    >>> from spacenet.stream.buffer import TaskBuffer
+    >>> from spacenet.stream.records import Records
+    >>> cfg = ServiceConfig(input_shape=(1, 2, 2), hidden=(8, 8), n_select=4, n_reserve=2,
+    ...                     connections=(0.5, 0.5, 0.5), epochs=1)
+    >>> learner = Learner(cfg, device="cpu")
+    >>> buffer = TaskBuffer((1, 2, 2), "uint8", holdout_fraction=0.0)
+    >>> buffer.start_task(0)
+    >>> labels = np.arange(32) % 2
+    >>> features = (labels * 200).astype(np.uint8).repeat(4).reshape(32, 1, 2, 2)
+    >>> buffer.add(Records(features, labels, np.zeros(32, np.int32), np.arange(32)))
+    >>> seconds = learner.train_task(buffer.dataset(scale=1.0), classes=[0, 1])
+    >>> predictor = learner.frozen_copy(version=1)
+    >>> learner.spacenet.tasks_learned_, predictor.version, predictor.known.sum().item()
+    (1, 1, 2)
 """
 
 from __future__ import annotations

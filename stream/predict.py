@@ -27,6 +27,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from spacenet.stream import wire
+from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.learner import Predictor
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class PredictionWorker:
         consumer: Any,
         producer: Any,
         predictions_topic: str,
-        dead_letter: Callable[..., None],
+        dead_letters: DeadLetters,
         model_source: Callable[[], Predictor | None],
         limits: wire.WireLimits,
         on_request: Callable[[int, float], None] | None = None,
@@ -74,7 +75,7 @@ class PredictionWorker:
         self.consumer = consumer
         self.producer = producer
         self.predictions_topic = predictions_topic
-        self.dead_letter = dead_letter
+        self.dead_letters = dead_letters
         self.model_source = model_source
         self.limits = limits
         self.on_request = on_request
@@ -122,7 +123,7 @@ class PredictionWorker:
         try:
             decoded = wire.decode(msg.value, msg.headers, self.limits)
         except wire.WireError as e:
-            self.dead_letter(msg, e.reason.value, e.detail)
+            self.dead_letters.message(msg, e.reason.value, e.detail)
             return
         if decoded.is_control:
             return

@@ -1,7 +1,11 @@
-"""Wiring of one service process: Kafka clients, learner, training loop, predictions, HTTP.
+"""Wiring of one service process: Kafka clients, the stream unit, the poll loop, predictions, HTTP.
 
->>> runtime = Runtime(ServiceConfig.load(), CollectorRegistry())   # doctest: +SKIP
->>> runtime.run()                                                  # doctest: +SKIP
+``spacenet serve`` builds one ``Runtime`` and calls ``run()``, which returns when
+``stop()`` (signal-safe) is called; nothing connects before ``run()``:
+
+>>> runtime = Runtime(ServiceConfig(), CollectorRegistry())
+>>> runtime.stop(); runtime.loop is None          # run() would stop after restoring
+True
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from prometheus_client import CollectorRegistry
 
 from spacenet.stream import wire
 from spacenet.stream.config import ServiceConfig
-from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
+from spacenet.stream.dead_letters import DeadLetters
+from spacenet.stream.kafka_config import KafkaSettings, ensure_topics, training_consumer_options
 from spacenet.stream.learner import Learner
+from spacenet.stream.loop import Loop
+from spacenet.stream.observability.telemetry import Telemetry
 from spacenet.stream.predict import PredictionWorker
-from spacenet.stream.service import Service
-from spacenet.stream.telemetry import Telemetry
+from spacenet.stream.unit import StreamUnit
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +40,19 @@ class Runtime:
         self.registry = registry
         self.kafka = kafka or KafkaSettings.from_env(bootstrap=cfg.bootstrap)
         self.stop_ = threading.Event()
-        self.service: Service | None = None
+        self.unit: StreamUnit | None = None
+        self.loop: Loop | None = None
         self.predictions: PredictionWorker | None = None
 
     def stop(self) -> None:
         self.stop_.set()
-        if self.service is not None:
-            self.service.stop_.set()
-            self.service.learner.stop_.set()
+        if self.loop is not None:
+            self.loop.stop()
 
     def _healthy(self) -> bool:
-        """The training loop runs and the prediction worker has not failed (``/healthz``)."""
-        service_ok = self.service is None or self.service.healthy
-        return service_ok and (self.predictions is None or self.predictions.error_ is None)
+        """The poll loop runs and the prediction worker has not failed (``/healthz``)."""
+        loop_ok = self.loop is None or self.loop.healthy
+        return loop_ok and (self.predictions is None or self.predictions.error_ is None)
 
     def run(self) -> int:
         from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
@@ -65,40 +71,31 @@ class Runtime:
         http = telemetry.serve_http(
             cfg.metrics_host,
             cfg.metrics_port,
-            ready=lambda: self.service.ready if self.service else (False, "starting"),
+            ready=lambda: self.loop.ready if self.loop else (False, "starting"),
             health=self._healthy,
         )
-        ensure_topics(
-            self.kafka,
-            [cfg.topic, cfg.requests_topic, cfg.predictions_topic, cfg.models_topic, cfg.dead_letter_topic],
-        )
+        ensure_topics(self.kafka, cfg.topics)
         client = self.kafka.client_kwargs()
         producer = KafkaProducer(
             **client, max_request_size=max(cfg.max_message_bytes * 2, 1 << 20), linger_ms=5
         )
-        consumer = KafkaConsumer(
-            **client,
-            group_id=cfg.group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=cfg.max_poll_records,
-            session_timeout_ms=cfg.session_timeout_ms,
-            fetch_max_bytes=64 << 20,
-            max_partition_fetch_bytes=max(cfg.max_message_bytes, 1 << 20),
-        )
-        service = Service(cfg, consumer, producer, telemetry, learner)
-        self.service = service
+        consumer = KafkaConsumer(**client, group_id=cfg.group, **training_consumer_options(cfg))
+        dead_letters = DeadLetters(producer.send, cfg.dead_letter_topic, telemetry.metrics)
+        # One unit for every partition of the topic: they are learned as one stream.
+        unit = StreamUnit(cfg, telemetry, dead_letters, learner)
+        loop = Loop(cfg, consumer, producer, telemetry, [unit])
+        self.unit, self.loop = unit, loop
         if self.stop_.is_set():
-            service.stop_.set()
+            loop.stop()
 
         class Seek(ConsumerRebalanceListener):  # type: ignore[misc]
             def on_partitions_revoked(self, revoked: Any) -> None:
                 return None
 
             def on_partitions_assigned(self, assigned: Any) -> None:
-                service.seek_assigned(list(assigned))
+                loop.on_assigned(list(assigned))
 
-        service.restore()
+        loop.restore()
         consumer.subscribe([cfg.topic], listener=Seek())
         predict_consumer = KafkaConsumer(
             cfg.requests_topic,
@@ -112,10 +109,8 @@ class Runtime:
             predict_consumer,
             producer,
             cfg.predictions_topic,
-            dead_letter=lambda msg, reason, detail: service.dead_letter(
-                msg.value, msg.key, reason, detail, msg
-            ),
-            model_source=lambda: service.predictor_,
+            dead_letters=dead_letters,
+            model_source=lambda: unit.predictor_,
             limits=wire.WireLimits(
                 max_message_bytes=cfg.max_message_bytes,
                 max_records=cfg.max_records_per_message,
@@ -126,7 +121,7 @@ class Runtime:
         )
         self.predictions.start()
         try:
-            return int(service.run(restored=True))
+            return int(loop.run(restored=True))
         finally:
             self.predictions.stop()
             producer.flush()

@@ -31,6 +31,8 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.dlpack import from_dlpack
 
+from spacenet.stream.boundary import Marker as Marker  # the detector's markers are the wire's
+
 SCHEMA_VERSION = "1"
 _VERSION = SCHEMA_VERSION.encode()
 VERSION_HEADER, MARKER_HEADER, TASK_HEADER = "spacenet-schema-version", "spacenet-marker", "spacenet-task"
@@ -80,13 +82,6 @@ class RejectReason(StrEnum):
     TASK = "task"
     MARKER = "marker"
     NON_FINITE = "non_finite"
-
-
-class Marker(StrEnum):
-    """Explicit task boundary carried in the ``spacenet-marker`` header."""
-
-    TASK_START = "task-start"
-    TASK_END = "task-end"
 
 
 class WireError(Exception):

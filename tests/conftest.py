@@ -4,8 +4,8 @@ Prometheus fixtures.
 Importing avalanche or matplotlib writes into ``$HOME``, so the environment is
 redirected here, at import time, before any test module imports them. Tests that use
 ``kafka_bootstrap`` are marked ``kafka`` and tests that use ``prometheus_factory`` are
-marked ``prometheus``, so ``pytest -m "not kafka and not prometheus"`` runs only the
-fast tests.
+marked ``prometheus``, so ``pytest -m "not kafka and not prometheus and not slow"``
+(``make test-fast``) runs only the fast tests.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from tests.support import load_local_kafka
+from spacenet.stream.tools import local_kafka
 from tests.support.prometheus import PrometheusFactory, PrometheusServer
 
 
@@ -73,7 +73,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real single-node KRaft broker for the whole session: its bootstrap address."""
-    broker = load_local_kafka().LocalKafka(tmp_path_factory.mktemp("kafka"))
+    broker = local_kafka.LocalKafka(tmp_path_factory.mktemp("kafka"))
     try:
         # start() stops its own JVM when it fails after launching it.
         yield broker.start()

@@ -168,7 +168,7 @@ def test_services_and_pinned_images() -> None:
         assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image"
     kafka_version = re.search(
         r'KAFKA_VERSION = os.environ.get\("SPACENET_KAFKA_VERSION", "([^"]+)"\)',
-        (DEPLOY / "kafka" / "local_kafka.py").read_text(),
+        (ROOT / "stream" / "tools" / "local_kafka.py").read_text(),
     )
     assert kafka_version is not None
     assert services["kafka"]["image"] == f"apache/kafka:{kafka_version.group(1)}"

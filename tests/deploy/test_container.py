@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry
 
 from spacenet.stream.cli import SUBCOMMANDS
 from spacenet.stream.config import ServiceConfig
-from spacenet.stream.http import MetricsServer
 from spacenet.stream.kafka_config import KafkaSettings
+from spacenet.stream.observability.http import MetricsServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"

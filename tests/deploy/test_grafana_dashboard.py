@@ -3,18 +3,16 @@ expression in it parses in a real Prometheus and finds series a real exporter se
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 
-from spacenet.stream.http import MetricsServer
+from spacenet.stream.observability.http import MetricsServer
+from tests.support import load_grafana_generator
 from tests.support.prometheus import PrometheusFactory
 from tests.support.service_metrics import drive, exposed_names, populated_registry, referenced_names
 
@@ -23,19 +21,7 @@ DASHBOARD = GRAFANA_DIR / "dashboards" / "spacenet.json"
 RULES = GRAFANA_DIR.parent / "prometheus" / "rules" / "spacenet.yml"
 
 
-def load_generator() -> ModuleType:
-    name = "spacenet_tests_grafana_generate"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, GRAFANA_DIR / "generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-generate = load_generator()
+generate = load_grafana_generator()
 
 
 def dashboard() -> dict[str, Any]:

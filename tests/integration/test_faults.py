@@ -39,10 +39,11 @@ import yaml
 
 from spacenet.stream import wire
 from spacenet.stream.checkpoint import CheckpointStore
+from spacenet.stream.dead_letters import REASON_HEADER, SOURCE_HEADER
 from spacenet.stream.faults import ENV as CRASH_ENV
 from spacenet.stream.predict import MODEL_VERSION_HEADER
-from spacenet.stream.service import REASON_HEADER, SOURCE_HEADER
-from tests.support import REPO_ROOT, load_local_kafka, poison
+from spacenet.stream.tools import local_kafka
+from tests.support import REPO_ROOT, poison
 from tests.support.service import (
     FAST_SETTINGS,
     Message,
@@ -329,7 +330,7 @@ def test_crash_during_and_after_a_checkpoint_write_learns_every_task_once(
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[Any]:
     """A broker for one test, which it may stop and start again (same port, same data)."""
-    broker = load_local_kafka().LocalKafka(tmp_path / "broker")
+    broker = local_kafka.LocalKafka(tmp_path / "broker")
     try:
         broker.start()
         yield broker
@@ -560,16 +561,16 @@ def test_exhausted_capacity_refuses_further_tasks_without_crashing(
         with TopicFollower(kafka_bootstrap, models_topic(topic)) as models:
             send_all(producer, topic, chunk(synthetic_images(labels, 15), labels))
 
-            service = svc.runtime.service
-            assert service is not None
-            layers = [*service.learner.spacenet.layer_names_, "unknown", "other"]
+            loop, unit = svc.runtime.loop, svc.runtime.unit
+            assert loop is not None and unit is not None
+            layers = [*unit.learner.spacenet.layer_names_, "unknown", "other"]
 
             def refused() -> float:
                 counts = (svc.sample("spacenet_capacity_exhausted_total", layer=la) for la in layers)
                 return sum(c or 0.0 for c in counts)
 
             eventually(lambda: refused() == 2, 180, "two refused tasks", lambda: svc.alive)
-            eventually(lambda: service.ready[0], 60, "ready again", lambda: svc.alive)
+            eventually(lambda: loop.ready[0], 60, "ready again", lambda: svc.alive)
             models.poll(timeout_ms=1000)
             events = model_events(models.messages)
             with TopicFollower(kafka_bootstrap, f"{topic}.dlq") as dlq:
@@ -580,7 +581,7 @@ def test_exhausted_capacity_refuses_further_tasks_without_crashing(
         assert svc.sample("spacenet_training_failures_total") == 2
         assert svc.sample("spacenet_tasks_remaining") == 0
         assert svc.sample("spacenet_model_version") == 2
-        assert service.predictor_ is not None and service.predictor_.version == 2
+        assert unit.predictor_ is not None and unit.predictor_.version == 2
         letters = reject_reasons(dlq.messages)
         assert set(letters) == {"capacity_exhausted"}
         # the refused tasks' records, less their held-out samples (kept for evaluation)
@@ -621,8 +622,8 @@ def test_an_unwritable_checkpoint_dir_keeps_serving_and_commits_nothing_until_re
     per_task = 2 * PER_CLASS // PER_MESSAGE
     svc = start_assigned(lambda: ServiceThread(settings))
     try:
-        service = svc.runtime.service
-        assert service is not None
+        loop = svc.runtime.loop
+        assert loop is not None
         with TopicFollower(kafka_bootstrap, models_topic(topic)) as models:
             send_all(producer, topic, messages[:per_task])
             wait_for_models(models, 1, svc, timeout_s=120)
@@ -642,7 +643,7 @@ def test_an_unwritable_checkpoint_dir_keeps_serving_and_commits_nothing_until_re
                 "a failed checkpoint",
                 lambda: svc.alive,
             )
-            ready, reason = service.ready
+            ready, reason = loop.ready
             assert not ready and "checkpoint failing" in reason
             assert any("offsets stay uncommitted" in r.getMessage() for r in caplog.records)
             assert committed_offset(kafka_bootstrap, settings["group"], topic) == per_task
@@ -663,7 +664,7 @@ def test_an_unwritable_checkpoint_dir_keeps_serving_and_commits_nothing_until_re
             30,
             "commit 2",
         )
-        assert service.ready == (True, "ok")
+        assert loop.ready == (True, "ok")
         assert learned_tasks(events) == TASKS[:2]
         assert CheckpointStore(checkpoints).versions()[-1] == 2
     finally:

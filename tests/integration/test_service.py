@@ -29,9 +29,9 @@ import torch
 from spacenet.stream import wire
 from spacenet.stream.boundary import BoundaryDetector, EventKind
 from spacenet.stream.checkpoint import CheckpointStore
+from spacenet.stream.dead_letters import DETAIL_HEADER, SOURCE_HEADER
 from spacenet.stream.predict import MODEL_VERSION_HEADER, REQUEST_HEADER, decode_reply
-from spacenet.stream.produce import TaskPlan, iter_messages
-from spacenet.stream.service import DETAIL_HEADER, SOURCE_HEADER
+from spacenet.stream.tools.produce import TaskPlan, iter_messages
 from tests.support.service import (
     FAST_SETTINGS,
     Message,

@@ -7,7 +7,7 @@ One scenario (``observed``, module-scoped: the service starts in about 15 s and 
 stream takes a few more) feeds every test below. The service runs as a child process,
 as in production, so the registry, the HTTP endpoint and the process are the real ones.
 
-Boundary counting, as ``stream/service.py`` does it: every task *opening* counts once
+Boundary counting, as ``stream/ingest.py`` does it: every task *opening* counts once
 with its reason (``new_class`` here); closings count only when no opening caused them
 (``timeout``, ``record_limit``). The 3 tasks are streamed back to back, so tasks 0 and 1
 close when the next opens (not counted) and task 2 closes by the idle timeout: 3 + 1.
@@ -15,16 +15,13 @@ close when the next opens (not counted) and task 2 closes by the idle timeout: 3
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -32,6 +29,7 @@ import pytest
 import yaml
 
 from spacenet.stream import wire
+from tests.support import load_grafana_generator
 from tests.support.prometheus import PrometheusServer
 from tests.support.service import (
     Message,
@@ -65,18 +63,7 @@ PROCESS_EXPRESSIONS = ("process_resident_memory_bytes", "process_cpu_seconds_tot
 pytestmark = pytest.mark.prometheus
 
 
-def _load_generator() -> ModuleType:
-    name = "spacenet_tests_observability_grafana_generate"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "deploy" / "grafana" / "generate.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-generate = _load_generator()
+generate = load_grafana_generator()
 
 
 def dashboard_expressions() -> list[str]:

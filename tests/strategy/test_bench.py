@@ -1,4 +1,5 @@
-"""The benchmark runner: metric parsing, every baseline, and whole runs through ``main``."""
+"""The benchmark runner (``bench``, ``bench_report``, ``bench_cli``): metric parsing, every
+baseline, and whole runs through ``main``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from spacenet.strategy import bench
+from spacenet.strategy import bench, bench_cli, bench_report
 from spacenet.strategy.baselines import (
     REGISTRY,
     SPACENET_VARIANTS,
@@ -18,6 +19,7 @@ from spacenet.strategy.baselines import (
     build_strategy,
     spacenet_kwargs,
 )
+from spacenet.strategy.cl_metrics import AccuracyMatrix
 from spacenet.strategy.models import SmallCNN, SpaceNetMLP
 from tests.strategy.test_benchmarks import write_synthetic_cifar10
 
@@ -61,7 +63,7 @@ def test_experience_accuracies_parse_names_by_marker() -> None:
 
 
 def test_parse_args_defaults_and_errors(tmp_path: Path) -> None:
-    args = bench.parse_args(["--out", str(tmp_path), "--strategies", "spacenet, naive", "--seeds", "3,4"])
+    args = bench_cli.parse_args(["--out", str(tmp_path), "--strategies", "spacenet, naive", "--seeds", "3,4"])
     assert args.strategies == ["spacenet", "naive"]
     assert args.seeds == [3, 4]
     assert (args.benchmark, args.epochs, args.lr, args.batch_size, args.threads) == (
@@ -72,24 +74,13 @@ def test_parse_args_defaults_and_errors(tmp_path: Path) -> None:
         1,
     )
     with pytest.raises(SystemExit):
-        bench.parse_args(["--out", str(tmp_path), "--strategies", "spacenet,packnet"])
+        bench_cli.parse_args(["--out", str(tmp_path), "--strategies", "spacenet,packnet"])
     with pytest.raises(SystemExit):
-        bench.parse_args(["--out", str(tmp_path), "--benchmark", "split_imagenet"])
-
-
-def _current_rss_bytes() -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) * 1024
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_peak_rss_bytes_is_at_least_the_current_rss() -> None:
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident
-    assert bench.peak_rss_bytes() >= _current_rss_bytes() > block.numel()
+        bench_cli.parse_args(["--out", str(tmp_path), "--benchmark", "split_imagenet"])
 
 
 def _run(seed: int, rows: list[list[float]], train_s: float) -> dict[str, Any]:
-    matrix = bench.AccuracyMatrix()
+    matrix = AccuracyMatrix()
     for i, row in enumerate(rows):
         for j, acc in enumerate(row):
             matrix.record(i, j, acc, 100)
@@ -111,7 +102,7 @@ def test_summarise_aggregates_seeds_and_keeps_errors() -> None:
         _run(1, [[0.8, 0.0], [0.3, 0.7]], 4.0),
         {"seed": 2, "error": "RuntimeError: boom"},
     ]
-    entry = bench.summarise("spacenet", runs, {"n_select": 80})
+    entry = bench_report.summarise("spacenet", runs, {"n_select": 80})
     assert entry["seeds"] == [0, 1]
     assert entry["per_seed_final_accuracy"] == pytest.approx([0.7, 0.5])
     assert entry["final_accuracy_mean"] == pytest.approx(0.6)
@@ -126,26 +117,26 @@ def test_summarise_aggregates_seeds_and_keeps_errors() -> None:
     assert entry["errors"] == [{"seed": 2, "error": "RuntimeError: boom"}]
     assert entry["capacity"] == [{"tasks_learned": 2}, {"tasks_learned": 2}]
     assert entry["spacenet_kwargs"] == {"n_select": 80}
-    failed = bench.summarise("naive", [{"seed": 0, "error": "x"}])
+    failed = bench_report.summarise("naive", [{"seed": 0, "error": "x"}])
     assert failed["final_accuracy_mean"] is None and failed["peak_rss_bytes"] is None
     assert "capacity" not in failed
 
 
 def test_markdown_table_caveats_and_failures(tmp_path: Path) -> None:
-    args = bench.parse_args(["--out", str(tmp_path), "--strategies", "spacenet,si", "--seeds", "0"])
+    args = bench_cli.parse_args(["--out", str(tmp_path), "--strategies", "spacenet,si", "--seeds", "0"])
     results = {
-        "settings": {**bench.settings_block(args, TrainSettings()), "n_experiences": 2},
+        "settings": {**bench_cli.settings_block(args, TrainSettings()), "n_experiences": 2},
         "strategies": {
-            "spacenet": bench.summarise("spacenet", [_run(0, [[1.0, 0.0], [0.5, 0.9]], 2.0)]),
-            "si": bench.summarise("si", [{"seed": 0, "error": "RuntimeError: boom"}]),
+            "spacenet": bench_report.summarise("spacenet", [_run(0, [[1.0, 0.0], [0.5, 0.9]], 2.0)]),
+            "si": bench_report.summarise("si", [{"seed": 0, "error": "RuntimeError: boom"}]),
         },
     }
-    text = bench.markdown(results)
+    text = bench_report.markdown(results)
     assert "| spacenet | 0.700 ± 0.000 | 0.700 | 0.500 | -0.500 | 2.0 | 1024 |" in text
     assert "| si | n/a ± n/a |" in text
     assert "SynapticIntelligence is a no-op on the CPU" in text
     assert "- si seed 0: RuntimeError: boom" in text
-    bench.write_outputs(results, tmp_path, final=True)
+    bench_report.write_outputs(results, tmp_path, final=True)
     assert json.loads((tmp_path / "results.json").read_text()) == results
     assert (tmp_path / "accuracy_matrix_spacenet.png").stat().st_size > 0
     assert not (tmp_path / "accuracy_matrix_si.png").exists()  # nothing to draw
@@ -205,7 +196,7 @@ def test_every_strategy_runs_a_tiny_stream(name: str) -> None:
         test_subset_per_class=10, progress=False,
     )  # fmt: skip
     result = bench.run_one(config)
-    matrix = bench.AccuracyMatrix.from_dict(result["accuracy_matrix"])
+    matrix = AccuracyMatrix.from_dict(result["accuracy_matrix"])
     assert (matrix.n_trained, matrix.n_tasks) == (5, 5)
     assert 0.0 <= result["final_accuracy"] <= 1.0
     assert result["train_seconds"] > 0 and result["peak_rss_bytes"] > 0
@@ -223,7 +214,7 @@ def test_bench_split_mnist_spacenet_beats_naive(tmp_path: Path) -> None:
     argv = ["--benchmark", "split_mnist", "--strategies", "spacenet,naive", "--seeds", "0", "--out", str(out),
             "--epochs", "4", "--lr", "0.05", "--subset-per-class", "1000", "--test-subset-per-class", "300",
             "--threads", "1", "--no-progress"]  # fmt: skip
-    assert bench.main(argv) == 0
+    assert bench_cli.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["settings"].keys() >= REQUIRED_SETTINGS_KEYS
     assert results["settings"]["seeds"] == [0] and results["settings"]["lr"] == 0.05
@@ -256,7 +247,7 @@ def test_bench_small_cnn_on_synthetic_cifar10(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = ["--benchmark", "split_cifar10", "--strategies", "spacenet", "--seeds", "0", "--out", str(out),
             "--epochs", "1", "--data-root", str(root), "--no-verify", "--no-progress"]  # fmt: skip
-    assert bench.main(argv) == 0
+    assert bench_cli.main(argv) == 0
     entry = json.loads((out / "results.json").read_text())["strategies"]["spacenet"]
     assert entry["errors"] == []
     capacity = entry["capacity"][0]
@@ -271,7 +262,7 @@ def test_a_failed_run_is_recorded_and_the_exit_code_says_so(tmp_path: Path) -> N
     out = tmp_path / "out"
     argv = ["--benchmark", "split_cifar10", "--strategies", "naive", "--seeds", "0", "--out", str(out),
             "--data-root", str(tmp_path / "empty"), "--no-verify", "--no-progress"]  # fmt: skip
-    assert bench.main(argv) == 1
+    assert bench_cli.main(argv) == 1
     entry = json.loads((out / "results.json").read_text())["strategies"]["naive"]
     assert entry["seeds"] == [] and entry["final_accuracy_mean"] is None
     assert "Dataset not found" in entry["errors"][0]["error"]

@@ -153,8 +153,9 @@ def test_capacity_exhaustion_raises_or_shrinks() -> None:
     model = SpaceNetMLP(hidden=(100, 100))
     net = SpaceNet(n_select=60, n_reserve=50, connections=(0.1, 0.1, 0.5), seed=0).attach(model)
     train_task(net, model, [0, 1], epochs=1, steps=1)
-    with pytest.raises(CapacityExhaustedError, match="free neurons left"):
+    with pytest.raises(CapacityExhaustedError, match="free neurons left") as exhausted:
         net.begin_task([2, 3])
+    assert exhausted.value.layer == "hidden.0"  # the layer that ran out, for the metric's label
     shrink = SpaceNet(
         n_select=60, n_reserve=50, connections=(0.1, 0.1, 0.5), seed=0, on_exhausted="shrink"
     ).attach(SpaceNetMLP(hidden=(100, 100)))
@@ -177,8 +178,9 @@ def test_output_layer_class_map_and_limit() -> None:
     net.end_task()
     with pytest.raises(ValueError, match="learned by an earlier task"):
         net.begin_task([100, 3])
-    with pytest.raises(CapacityExhaustedError, match="output layer has 4 units"):
+    with pytest.raises(CapacityExhaustedError, match="output layer has 4 units") as exhausted:
         net.begin_task([1, 2, 3])
+    assert exhausted.value.layer == "out"
 
 
 def test_old_rows_hidden_while_training_and_restored() -> None:

@@ -12,7 +12,7 @@ import torch
 
 from spacenet.stream.checkpoint import CheckpointError, CheckpointStore
 from spacenet.stream.config import ServiceConfig
-from spacenet.stream.records import PendingStore, pack, unpack
+from spacenet.stream.records import PendingStore, Records, pack, unpack
 
 
 def payload(v: int) -> dict[str, object]:
@@ -84,8 +84,10 @@ def test_pending_store_and_packing_round_trip() -> None:
 
     store = PendingStore()
     feats = np.arange(3 * 4, dtype=np.uint8).reshape(3, 1, 2, 2)
-    store.put(np.array([9, 4, 7]), feats, np.array([1, 2, 3]), np.array([0, 0, 1]), np.array([90, 40, 70]))
-    seqs, recs = store.all()
+    recs = Records(feats, np.array([1, 2, 3]), np.array([0, 0, 1], np.int32), np.array([90, 40, 70]))
+    store.put(np.array([9, 4, 7]), recs)
+    state = store.state_dict()
+    seqs, recs = state["pending_seqs"].tolist(), unpack(state["pending"])
     assert seqs == [4, 7, 9] and recs.labels.tolist() == [2, 3, 1]
     again = unpack(torch.load(_save(pack(recs)), weights_only=True))
     assert again.ids.tolist() == [40, 70, 90] and np.array_equal(again.features, recs.features)

@@ -4,7 +4,6 @@ path does, on streams with boundaries, noise, late records, markers and malforme
 from __future__ import annotations
 
 import collections
-import doctest
 from collections.abc import Callable
 from typing import Any
 
@@ -14,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from spacenet.stream import ingest as ingest_module
 from spacenet.stream import wire
 from spacenet.stream.boundary import BoundaryDetector
 from spacenet.stream.buffer import TaskBuffer
+from spacenet.stream.dead_letters import DETAIL_HEADER, REASON_HEADER, DeadLetters
 from spacenet.stream.ingest import Ingest
-from spacenet.stream.metrics import ServiceMetrics
+from spacenet.stream.observability.metrics import ServiceMetrics
 from spacenet.stream.records import PendingStore
 
 SHAPE = (1, 2, 2)
@@ -60,14 +59,20 @@ def _run(messages: list[Message], poll: int, patch: Callable[[Ingest], None] | N
     """Feed ``messages`` ``poll`` at a time; what the ingest made of them."""
     registry = CollectorRegistry()
     dead: list[tuple[str, str]] = []
+
+    def send(topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        named = dict(headers)
+        dead.append((named[REASON_HEADER].decode(), named[DETAIL_HEADER].decode()))
+
+    metrics = ServiceMetrics(registry)
     ingest = Ingest(
         TOPIC,
         wire.WireLimits(expected_shape=SHAPE),
         BoundaryDetector(min_count=8, window=60, group_window=30),
         TaskBuffer(SHAPE, "uint8", holdout_fraction=0.2, holdout_max_per_task=25, seed=3),
         PendingStore(),
-        ServiceMetrics(registry),
-        dead_letter=lambda value, key, reason, detail, msg: dead.append((reason, detail)),
+        metrics,
+        DeadLetters(send, f"{TOPIC}.dlq", metrics),
     )
     if patch is not None:
         patch(ingest)
@@ -166,7 +171,3 @@ def test_a_closed_task_hands_back_the_rest_of_its_chunk(poll: int) -> None:
     # handle() returned right after each end marker's message, for the caller to checkpoint.
     ends = [m.offset for m in messages if dict(m.headers).get(wire.MARKER_HEADER) == b"task-end"]
     assert [positions[0] for *_, positions in got["closed"]] == [end + 1 for end in ends]
-
-
-def test_the_modules_example_runs() -> None:
-    assert doctest.testmod(ingest_module).failed == 0

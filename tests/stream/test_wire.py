@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import doctest
 import gc
 import struct
 import subprocess
@@ -793,7 +792,3 @@ def test_label_range_at_the_edges(labels: list[int], num_classes_max: int | None
         assert msg.labels is not None and msg.labels.tolist() == labels
     else:
         assert _reason(value, limits=limits) is reason
-
-
-def test_the_modules_examples_run() -> None:
-    assert doctest.testmod(wire).failed == 0

@@ -1,8 +1,10 @@
 """A real Prometheus server for tests: Debian's ``prometheus`` binary as a subprocess.
 
-    >>> with PrometheusServer(tmp, ["127.0.0.1:9100"]) as prom:        # doctest: +SKIP
-    ...     prom.wait_for("up", lambda r: r and r[0]["value"][1] == "1")
-    [{'metric': {'__name__': 'up', 'instance': '127.0.0.1:9100', 'job': 'test'}, 'value': [...]}]
+Usage (``tests/integration/test_prometheus_scrape.py`` runs it against the real binary)::
+
+    with PrometheusServer(tmp, ["127.0.0.1:9100"]) as prom:
+        prom.wait_for("up", lambda r: r and r[0]["value"][1] == "1")
+        # [{'metric': {'__name__': 'up', 'instance': '127.0.0.1:9100', 'job': 'test'}, 'value': [...]}]
 
 The configuration is written as JSON, which YAML (and so Prometheus) reads as is, so
 target and path strings never need YAML quoting.
@@ -24,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from spacenet.stream.http import free_port
+from spacenet.stream.observability.http import free_port
 
 Result = list[dict[str, Any]]
 # Loopback only: never route through an HTTP proxy from the environment.

@@ -14,10 +14,12 @@ cut into wire messages (``chunk``), sending (``send_all``), reading a topic to i
 (``read_topic``), following a topic as it grows (``TopicFollower``, e.g. the models
 topic), dead-letter reasons (``reject_reasons``) and a group's committed offsets.
 
-    >>> settings = service_settings(topic, "127.0.0.1:9092", state_dir)       # doctest: +SKIP
-    >>> with ServiceThread(settings) as svc, TopicFollower(bootstrap, models_topic(topic)) as models:
-    ...     send_all(producer, topic, chunk(images, labels))                   # doctest: +SKIP
-    ...     events = wait_for_models(models, tasks=3, service=svc)             # doctest: +SKIP
+Usage (as ``tests/integration/test_service.py`` runs it against the session's broker)::
+
+    settings = service_settings(topic, "127.0.0.1:9092", state_dir)
+    with ServiceThread(settings) as svc, TopicFollower(bootstrap, models_topic(topic)) as models:
+        send_all(producer, topic, chunk(images, labels))
+        events = wait_for_models(models, tasks=3, service=svc)
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spacenet.stream import wire
 from spacenet.stream.config import ServiceConfig
-from spacenet.stream.http import free_port
+from spacenet.stream.dead_letters import REASON_HEADER
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
-from spacenet.stream.produce import TOPIC_CONFIGS
-from spacenet.stream.service import REASON_HEADER
+from spacenet.stream.observability.http import free_port
+from spacenet.stream.tools.produce import TOPIC_CONFIGS
 
 # A small model and a quick detector: tasks of a few hundred records learn in seconds.
 FAST_SETTINGS: dict[str, str] = {
@@ -80,7 +82,7 @@ def unique_name(prefix: str) -> str:
 
 
 def models_topic(topic: str) -> str:
-    return f"{topic}.models"
+    return ServiceConfig(topic=topic).models_topic
 
 
 def service_settings(
@@ -100,8 +102,9 @@ def service_settings(
 
 def create_topics(bootstrap: str, topic: str) -> None:
     """The training topic and the four the service derives from it, one partition each."""
-    names = [topic, *(f"{topic}.{s}" for s in ("requests", "predictions", "models", "dlq"))]
-    ensure_topics(KafkaSettings(bootstrap=bootstrap), names, configs=TOPIC_CONFIGS)
+    ensure_topics(
+        KafkaSettings(bootstrap=bootstrap), ServiceConfig(topic=topic).topics, configs=TOPIC_CONFIGS
+    )
 
 
 # ---------------------------------------------------------------------------- data
@@ -383,11 +386,11 @@ class ServiceThread:
         """Whether both of its consumers (training, predictions) got their partition in time."""
 
         def assigned() -> bool:
-            svc, predictions = self.runtime.service, self.runtime.predictions
+            loop, predictions = self.runtime.loop, self.runtime.predictions
             return bool(
-                svc is not None
+                loop is not None
                 and predictions is not None
-                and svc.consumer.assignment()
+                and loop.consumer.assignment()
                 and predictions.consumer.assignment()
             )
 

@@ -2,8 +2,8 @@
 
 Used to check that the dashboard and the alert rules only name series that exist.
 
-    >>> names = exposed_names(populated_registry())            # doctest: +SKIP
-    >>> "spacenet_layer_free_neurons" in names                  # doctest: +SKIP
+    >>> registry, metrics = populated_registry()
+    >>> "spacenet_layer_free_neurons" in exposed_names(registry)
     True
 """
 
@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spacenet.strategy import SpaceNet, SpaceNetMLP
-from spacenet.stream.metrics import ServiceMetrics
-from spacenet.stream.metrics_collector import ModelState, ModelStateCollector
+from spacenet.stream.observability.metrics import ServiceMetrics
+from spacenet.stream.observability.metrics_collector import ModelState, ModelStateCollector
 
 # A series name, not part of a recording rule's ``level:metric:operations`` name.
 METRIC_NAME = re.compile(r"(?<![\w:])((?:spacenet|process)_[a-z0-9_]+)(?![\w:.])")

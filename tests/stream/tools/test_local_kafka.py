@@ -1,4 +1,4 @@
-"""Lifecycle of the local broker in deploy/kafka/local_kafka.py: clear errors, no survivors."""
+"""Lifecycle of the local broker in stream/tools/local_kafka.py: clear errors, no survivors."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import load_local_kafka
+from spacenet.stream.tools import local_kafka
 
-local_kafka = load_local_kafka()
 LocalKafka = local_kafka.LocalKafka
 KafkaError = local_kafka.KafkaError
 

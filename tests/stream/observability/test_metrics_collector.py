@@ -7,8 +7,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spacenet.strategy import SpaceNet, SpaceNetMLP
-from spacenet.stream.metrics import ServiceMetrics
-from spacenet.stream.metrics_collector import AccuracySnapshot, ModelState, ModelStateCollector
+from spacenet.stream.observability.metrics import ServiceMetrics
+from spacenet.stream.observability.metrics_collector import AccuracySnapshot, ModelState, ModelStateCollector
 
 FAMILIES = {
     "spacenet_model_state_available",

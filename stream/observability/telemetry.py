@@ -18,9 +18,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from spacenet.strategy.spacenet import SpaceNet
-from spacenet.stream.http import MetricsServer
-from spacenet.stream.metrics import DEFAULT_DEAD_LETTER_REASONS, ServiceMetrics
-from spacenet.stream.metrics_collector import AccuracySource, ModelState, ModelStateCollector
+from spacenet.stream.observability.http import MetricsServer
+from spacenet.stream.observability.metrics import DEFAULT_DEAD_LETTER_REASONS, ServiceMetrics
+from spacenet.stream.observability.metrics_collector import AccuracySource, ModelState, ModelStateCollector
 
 DEAD_LETTER_REASONS = (*DEFAULT_DEAD_LETTER_REASONS, "unconfirmed_class")
 

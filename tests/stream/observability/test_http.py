@@ -13,8 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from spacenet.stream.http import MetricsServer
-from spacenet.stream.metrics import ServiceMetrics
+from spacenet.stream.observability.http import MetricsServer
+from spacenet.stream.observability.metrics import ServiceMetrics
 
 # Loopback only: never route through an HTTP proxy from the environment.
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

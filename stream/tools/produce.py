@@ -25,9 +25,16 @@ features as they are stored (uint8 1x28x28 for MNIST, never normalised), labels 
 
     $ spacenet produce --dataset split_mnist --topic mnist --bootstrap 127.0.0.1:9092 --markers
 
-From Python, with any producer (``send``/``flush`` as in kafka-python):
+From Python: ``produce_stream(producer, "mnist", images, labels, markers=True)`` with any
+producer (``send``/``flush`` as in kafka-python) sends the messages ``iter_messages`` lists:
 
-    >>> summary = produce_stream(producer, "mnist", images, labels, markers=True)  # doctest: +SKIP
+    >>> labels = np.array([0, 1, 2, 3] * 3)
+    >>> plans = plan_tasks(labels, classes_per_task=2)
+    >>> images = np.zeros((12, 1, 2, 2), np.uint8)
+    >>> [(m.key, m.records, dict(m.headers).get(wire.MARKER_HEADER))  # doctest: +NORMALIZE_WHITESPACE
+    ...  for m in iter_messages(images, labels, plans, records_per_message=4, markers=True)]
+    [(b'0:0', 4, b'task-start'), (b'0:4', 2, b'task-end'),
+     (b'1:6', 4, b'task-start'), (b'1:10', 2, b'task-end')]
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 
 from spacenet.stream import wire
 from spacenet.stream.config import ServiceConfig
-from spacenet.stream.ingest_bench import CONSUMER_CONFIG, IngestSink, PlainSink, _parser, main
+from spacenet.stream.tools.ingest_bench import CONSUMER_CONFIG, IngestSink, PlainSink, _parser, main
 
 
 def fake_record(offset: int, value: bytes, headers: list[tuple[str, bytes]]) -> SimpleNamespace:

@@ -1,7 +1,8 @@
 """The service's HTTP endpoints: ``/metrics``, ``/healthz`` and ``/readyz``, on a daemon thread.
 
 ``/metrics`` is prometheus_client's own WSGI exposition of the given registry (text or
-OpenMetrics by content negotiation, gzip when asked). ``/healthz`` answers 200 while
+OpenMetrics by content negotiation, gzip when asked), served by prometheus_client's own
+threaded WSGI server. ``/healthz`` answers 200 while
 ``health()`` is true (the process is alive and its loop is not stuck); ``/readyz``
 answers 200 when ``ready()`` says so and 503 with its reason otherwise. A callback
 that raises answers 503 with the error. The default bind address is loopback.
@@ -24,12 +25,12 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from socketserver import ThreadingMixIn
 from types import TracebackType
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _Server6(_Server):
+class _Server6(ThreadingWSGIServer):
     address_family = socket.AF_INET6
 
 
@@ -101,7 +97,7 @@ class MetricsServer:
         self.health = health
         self.ready = ready
         self._metrics_app: WSGIApp = make_wsgi_app(registry)
-        self._server: _Server | None = None
+        self._server: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -114,7 +110,7 @@ class MetricsServer:
     def start(self) -> str:
         if self._server is not None:
             raise RuntimeError(f"already serving on {self.url}")
-        server_class = _Server6 if ":" in self.host else _Server
+        server_class = _Server6 if ":" in self.host else ThreadingWSGIServer
         self._server = make_server(self.host, self.port, self.app, server_class, _QuietHandler)
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(

@@ -48,12 +48,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from spacenet.strategy.rss import peak_rss_bytes, reset_peak_rss, rss_bytes
 from spacenet.stream.config import ServiceConfig
+from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.ingest import Ingest
-from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
-from spacenet.stream.metrics import ServiceMetrics
-from spacenet.stream.procfs import status_bytes
-from spacenet.stream.produce import (
+from spacenet.stream.kafka_config import KafkaSettings, ensure_topics, training_consumer_options
+from spacenet.stream.observability.metrics import ServiceMetrics
+from spacenet.stream.tools.produce import (
     TOPIC_CONFIGS,
     DatasetError,
     ProduceSummary,
@@ -65,17 +66,10 @@ from spacenet.stream.produce import (
 TARGET_RATIO = 0.8
 SHAPE = (1, 28, 28)
 _SERVICE = ServiceConfig()
-# The consumer settings of both loops: those `spacenet serve` opens its training consumer with
-# (stream/runtime.py), and kafka-python's defaults for the rest. CRCs are checked, as by
-# default in the service; kafka-python does that in C with the `crc32c` extension installed.
-CONSUMER_CONFIG: dict[str, Any] = {
-    "enable_auto_commit": False,
-    "auto_offset_reset": "earliest",
-    "max_poll_records": _SERVICE.max_poll_records,
-    "fetch_max_bytes": 64 << 20,
-    "max_partition_fetch_bytes": max(_SERVICE.max_message_bytes, 1 << 20),
-    "check_crcs": True,
-}
+# The consumer settings of both loops: those `spacenet serve` opens its training consumer with,
+# and kafka-python's defaults for the rest. CRCs are checked, as by default in the service;
+# kafka-python does that in C with the `crc32c` extension installed.
+CONSUMER_CONFIG: dict[str, Any] = {**training_consumer_options(_SERVICE), "check_crcs": True}
 RUN_TIMEOUT_S = 300.0
 
 
@@ -123,12 +117,14 @@ class IngestSink:
     def __init__(self, topic: str, spill_dir: str, max_memory_bytes: int) -> None:
         cfg = replace(_SERVICE, topic=topic, max_buffer_bytes=max_memory_bytes)
         self.registry = CollectorRegistry()
-        self.ingest = Ingest.from_config(cfg, ServiceMetrics(self.registry), self._reject, Path(spill_dir))
+        metrics = ServiceMetrics(self.registry)
+        dead_letters = DeadLetters(self._reject, cfg.dead_letter_topic, metrics)
+        self.ingest = Ingest.from_config(cfg, metrics, dead_letters, Path(spill_dir))
         self.backlog: collections.deque[Any] = collections.deque()
         self.messages = self.bytes = self.rejected = 0
         self.closed: list[tuple[int, tuple[int, ...]]] = []
 
-    def _reject(self, value: bytes | None, key: bytes | None, reason: str, detail: str, msg: Any) -> None:
+    def _reject(self, topic: str, **message: Any) -> None:
         self.rejected += 1  # the service sends these to the dead-letter topic
 
     def __call__(self, records: Sequence[Any]) -> None:
@@ -186,14 +182,6 @@ def read_topic(
         consumer.close(autocommit=False)
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def measure(
     settings: KafkaSettings,
     topic: str,
@@ -211,10 +199,10 @@ def measure(
                 PlainSink(records) if path == "plain" else IngestSink(topic, spill, max_memory_bytes)
             )
             gc.collect()
-            resettable = _reset_peak_rss()
-            rss_start = status_bytes("VmRSS") or 0
+            resettable = reset_peak_rss()
+            rss_start = rss_bytes() or 0
             seconds, cpu_seconds = read_topic(settings, topic, sink, config)
-            peak = status_bytes("VmHWM") if resettable else None
+            peak = peak_rss_bytes() if resettable else None
             if isinstance(sink, IngestSink):
                 if sink.rejected or sink.records != records:
                     raise RuntimeError(
@@ -360,6 +348,7 @@ def _report(
         "cpu_ratio": cpu_ratio,
         "target_ratio": TARGET_RATIO,
         "meets_target": ratio >= TARGET_RATIO,
+        # ru_maxrss, not VmHWM: each run resets VmHWM, never the lifetime peak
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "python": platform.python_version(),
         "kafka_python": kafka_version,

@@ -1,6 +1,6 @@
 """``spacenet demo``: the whole pipeline on this machine, start to finish.
 
-Starts the project's local Kafka broker (deploy/kafka), runs ``spacenet serve`` as a
+Starts the project's local Kafka broker (``local_kafka.py``), runs ``spacenet serve`` as a
 child process, publishes split MNIST with ``spacenet produce``'s code (no markers:
 the service finds the task boundaries itself), waits until every task is learned,
 then sends the MNIST test set as prediction requests and scores the replies: the
@@ -16,7 +16,6 @@ everything.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import signal
 import subprocess
@@ -31,28 +30,14 @@ from typing import Any
 import numpy as np
 
 from spacenet.strategy.cl_metrics import AccuracyMatrix
+from spacenet.strategy.rss import peak_rss_bytes
 from spacenet.stream import wire
-from spacenet.stream.http import free_port
+from spacenet.stream.config import ServiceConfig
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
+from spacenet.stream.observability.http import free_port
 from spacenet.stream.predict import decode_reply
-from spacenet.stream.procfs import status_bytes
-from spacenet.stream.produce import load_dataset, produce_stream
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_local_kafka() -> Any:
-    path = REPO / "deploy" / "kafka" / "local_kafka.py"
-    if not path.is_file():
-        raise SystemExit(
-            "spacenet demo: deploy/kafka/local_kafka.py not found; run it from a checkout or pass "
-            "--bootstrap to use a running broker"
-        )
-    spec = importlib.util.spec_from_file_location("local_kafka", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from spacenet.stream.tools import local_kafka
+from spacenet.stream.tools.produce import load_dataset, produce_stream
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -85,7 +70,6 @@ def main(argv: Sequence[str]) -> int:
     if args.bootstrap:
         bootstrap = args.bootstrap
     else:
-        local_kafka = load_local_kafka()
         broker = local_kafka.LocalKafka(work / "kafka")
         t0 = time.perf_counter()
         bootstrap = broker.start()
@@ -105,9 +89,9 @@ def run(args: argparse.Namespace, bootstrap: str, work: Path, out: Path) -> int:
 
     settings = KafkaSettings(bootstrap=bootstrap)
     topic = f"demo-{int(time.time())}"
-    topics = [topic, f"{topic}.requests", f"{topic}.predictions", f"{topic}.models", f"{topic}.dlq"]
-    ensure_topics(settings, topics)
-    models = KafkaConsumer(f"{topic}.models", auto_offset_reset="earliest", **settings.client_kwargs())
+    names = ServiceConfig(topic=topic)  # the topics the service derives from it
+    ensure_topics(settings, names.topics)
+    models = KafkaConsumer(names.models_topic, auto_offset_reset="earliest", **settings.client_kwargs())
     metrics_port = args.metrics_port or free_port()
     serve_log = open(out / "serve.log", "w")  # noqa: SIM115 - lives as long as the child
     cmd = [
@@ -156,8 +140,8 @@ def run(args: argparse.Namespace, bootstrap: str, work: Path, out: Path) -> int:
         learned = final["tasks_learned"]
         print(f"[demo] {learned} tasks learned, model version {final['model_version']}")
         xt, yt, _ = load_dataset(name, train=False)
-        test = score_predictions(settings, producer, topic, xt, yt, expected, args.seed)
-        rss = status_bytes("VmHWM", service.pid)
+        test = score_predictions(settings, producer, names, xt, yt, expected, args.seed)
+        rss = peak_rss_bytes(service.pid)
         exposition = scrape(metrics_port)
         (out / "metrics.prom").write_text(exposition)
         series = sum(1 for line in exposition.splitlines() if line.startswith("spacenet_"))
@@ -224,7 +208,7 @@ def wait_for_models(
 def score_predictions(
     settings: KafkaSettings,
     producer: Any,
-    topic: str,
+    names: ServiceConfig,
     x: np.ndarray,
     y: np.ndarray,
     tasks: list[list[int]],
@@ -234,14 +218,14 @@ def score_predictions(
     """Send the test set as prediction requests (labels included) and score the replies."""
     from kafka import KafkaConsumer
 
-    replies = KafkaConsumer(f"{topic}.predictions", auto_offset_reset="earliest", **settings.client_kwargs())
+    replies = KafkaConsumer(names.predictions_topic, auto_offset_reset="earliest", **settings.client_kwargs())
     order = np.random.default_rng(seed).permutation(len(y))
     sent = 0
     t0 = time.perf_counter()
     for i in range(0, len(order), per_message):
         rows = order[i : i + per_message]
         producer.send(
-            f"{topic}.requests",
+            names.requests_topic,
             key=str(i).encode(),
             value=wire.encode(x[rows], y[rows]),
             headers=wire.make_headers(),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import time
 import uuid
 from pathlib import Path
@@ -14,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spacenet.stream import kafka_config, wire
+from spacenet.stream import wire
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
-from spacenet.stream.produce import iter_messages, load_dataset, main, plan_tasks
+from spacenet.stream.tools.produce import iter_messages, load_dataset, main, plan_tasks
 from tests.support.service import read_topic
 
 LIMITS = wire.WireLimits()
@@ -104,10 +103,6 @@ def test_one_message_task_gets_its_end_marker_on_a_control_message() -> None:
 
 
 # ---- KafkaSettings --------------------------------------------------------------------
-def test_kafka_settings_docstring() -> None:
-    assert doctest.testmod(kafka_config).failed == 0
-
-
 def test_kafka_settings_from_env_and_redaction(tmp_path: Path) -> None:
     secret = tmp_path / "password"
     secret.write_text("hunter2-file\n")

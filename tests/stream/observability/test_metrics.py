@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spacenet.strategy.prometheus_logger import PrometheusLogger
-from spacenet.stream.metrics import (
+from spacenet.stream.observability.metrics import (
     DEFAULT_BOUNDARY_REASONS,
     DEFAULT_DEAD_LETTER_REASONS,
     DEFAULT_OUTCOMES,
@@ -245,7 +245,7 @@ def test_naming_conventions_and_own_registry(registry: CollectorRegistry, metric
 
 
 def test_every_series_is_documented() -> None:
-    docs = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "metrics.md").read_text()
     registry, _ = populated_registry()
     bench = CollectorRegistry()
     PrometheusLogger(bench).log_single_metric("Top1_Acc_Stream/eval_phase/test_stream/Task000", 0.5, 1)

@@ -1,20 +1,23 @@
 #!/usr/bin/env python3
 """A real single-node Apache Kafka broker (KRaft), assembled from Maven Central jars.
 
-Standard library only, so it runs before any virtual environment exists.
+Standard library only, so it runs before any virtual environment exists, as a script of
+the checkout or a module of the installed package:
 
-    python deploy/kafka/local_kafka.py fetch                 # download the jars once
-    python deploy/kafka/local_kafka.py start --dir RUN       # prints the bootstrap address
-    python deploy/kafka/local_kafka.py stop --dir RUN
+    python3 stream/tools/local_kafka.py fetch                # download the jars once
+    python3 stream/tools/local_kafka.py start --dir RUN      # prints the bootstrap address
+    python3 stream/tools/local_kafka.py stop --dir RUN
+    python -m spacenet.stream.tools.local_kafka start --dir RUN
 
 From Python (the test fixture and ``spacenet demo`` do this):
 
-    >>> broker = LocalKafka(run_dir)        # doctest: +SKIP
-    >>> broker.start()                      # doctest: +SKIP
-    '127.0.0.1:40123'
-    >>> broker.stop()                       # doctest: +SKIP
-    >>> broker.start(keep_data=True)        # doctest: +SKIP
-    '127.0.0.1:40123'
+    >>> import tempfile
+    >>> broker = LocalKafka(tempfile.mkdtemp())
+    >>> bootstrap = broker.start()          # '127.0.0.1:<a free port>'
+    >>> broker.stop()
+    >>> broker.start(keep_data=True) == bootstrap
+    True
+    >>> broker.stop()
 
 ``start(keep_data=True)`` restarts a stopped broker on the same ports with its topics,
 messages and committed offsets (for tests of a broker restart under a running client).
@@ -39,7 +42,7 @@ import uuid
 from pathlib import Path
 
 KAFKA_VERSION = os.environ.get("SPACENET_KAFKA_VERSION", "3.9.1")
-POM = Path(__file__).with_name("pom.xml")
+POM = Path(__file__).with_name("local_kafka.pom.xml")
 JVM_OPTS = [
     "-Xms256m",
     "-Xmx512m",
