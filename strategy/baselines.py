@@ -35,8 +35,6 @@ from spacenet.strategy.calibration import TaskLogitNorm
 from spacenet.strategy.models import SmallCNN, SpaceNetMLP
 from spacenet.strategy.task_inference import TaskInference
 
-# spacenet_ti's task-identity inference, chosen on selection seeds 10-14 (README).
-TASK_INFERENCE_DEFAULTS: dict[str, Any] = {"components": 4, "rank": 8, "em_iterations": 2}
 SLDA_SHRINKAGE = 0.1
 
 
@@ -142,7 +140,7 @@ def scale_hidden_budget(connections: Sequence[int | float], factor: float) -> tu
 
 def task_inference_for(settings: TrainSettings, seed: int) -> TaskInference:
     """The task-identity inference of ``spacenet_ti`` for a benchmark's inputs."""
-    return TaskInference(input_range=settings.input_range, seed=seed, **TASK_INFERENCE_DEFAULTS)
+    return TaskInference(input_range=settings.input_range, seed=seed)  # defaults: see TaskInference
 
 
 def _spacenet(
