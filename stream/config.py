@@ -60,6 +60,7 @@ class ServiceConfig:
     drop_fraction: float = 0.2
     freeze_used_biases: bool = False
     calibrate: bool = False
+    task_inference: bool = False  # choose the task with per-class input statistics (spacenet_ti)
     on_exhausted: str = "error"
     seed: int = 0
     # Training
@@ -93,6 +94,8 @@ class ServiceConfig:
                 object.__setattr__(self, name, f"{t}.{suffix}")
         if self.on_exhausted not in ("error", "shrink"):
             raise ValueError("on_exhausted must be 'error' or 'shrink'")
+        if self.calibrate and self.task_inference:
+            raise ValueError("calibrate and task_inference both rescore the outputs: choose one")
         if len(self.connections) != len(self.hidden) + 1:
             raise ValueError(f"connections needs {len(self.hidden) + 1} values (hidden layers + output)")
 

@@ -43,6 +43,7 @@ from spacenet.strategy.baselines import seed_experience
 from spacenet.strategy.calibration import TaskLogitNorm
 from spacenet.strategy.models import SpaceNetMLP
 from spacenet.strategy.spacenet import ExhaustedPolicy
+from spacenet.strategy.task_inference import TaskInference
 from spacenet.stream.config import ServiceConfig
 from spacenet.stream.faults import maybe_crash
 
@@ -104,12 +105,14 @@ class Predictor:
         calibration: TaskLogitNorm | None,
         task_units: dict[int, Tensor],
         version: int,
+        task_inference: TaskInference | None = None,
     ) -> None:
         self.model = model.eval()
         self.units_to_labels = units_to_labels
         self.calibration = calibration
         self.task_units = task_units
         self.version = version
+        self.task_inference = task_inference
         self.known = units_to_labels >= 0
 
     @torch.no_grad()
@@ -118,6 +121,8 @@ class Predictor:
         logits = self.model(features.to(device))
         if self.calibration is not None:
             logits = self.calibration.apply(logits, self.task_units)
+        if self.task_inference is not None:
+            logits = self.task_inference.apply(logits, features)
         logits = logits.masked_fill(~self.known, float("-inf"))
         if not bool(self.known.any()):
             n = features.shape[0]
@@ -150,6 +155,12 @@ class Learner:
             freeze_used_biases=cfg.freeze_used_biases,
             on_exhausted=cast(ExhaustedPolicy, cfg.on_exhausted),  # validated by ServiceConfig
             calibration=TaskLogitNorm() if cfg.calibrate else None,
+            task_inference=(
+                # The statistics see the raw features: 0 .. 1/input_scale.
+                TaskInference(input_range=(0.0, 1.0 / cfg.input_scale), seed=cfg.seed)
+                if cfg.task_inference
+                else None
+            ),
         )
         self.stop_ = threading.Event()
         self.steps_ = 0
@@ -210,6 +221,22 @@ class Learner:
         self.model.train()
         return results
 
+    @torch.no_grad()
+    def task_inference_accuracy(self, datasets: Mapping[int, Dataset[tuple[Tensor, int]]]) -> float | None:
+        """Share of the held-out records whose task the task inference chooses right (None
+        without the option or without records)."""
+        net = self.spacenet
+        if net.task_inference is None:
+            return None
+        task_of_unit = net.output.reserved_by_.long().cpu()
+        correct = total = 0
+        for ds in datasets.values():
+            for x, y in DataLoader(ds, batch_size=1024):
+                chosen = net.task_inference.predict_task(x)
+                correct += int((chosen == task_of_unit[net.units_of(y.long())]).sum())
+                total += int(y.numel())
+        return correct / total if total else None
+
     def frozen_copy(self, version: int, copy_model: bool = True) -> Predictor:
         net = self.spacenet
         units = torch.arange(net.output.out_units, device=self.device)
@@ -221,6 +248,8 @@ class Learner:
             cal,
             {t: u.to(self.device) for t, u in net.task_units().items()},
             version,
+            # the next task's fit changes the statistics: the predictor keeps its own copy
+            copy.deepcopy(net.task_inference) if copy_model else net.task_inference,
         )
 
     def state_dict(self) -> dict[str, Any]:

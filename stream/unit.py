@@ -82,6 +82,7 @@ class TaskResult:
     accuracy: dict[int, tuple[float, int]]
     steps: int
     error: BaseException | None = None
+    task_inference_accuracy: float | None = None  # held-out records whose task was chosen right
 
 
 class StreamUnit:
@@ -109,6 +110,7 @@ class StreamUnit:
         self.ingest = Ingest.from_config(cfg, self.m, dead_letters, spill)
         self.detector, self.buffer = self.ingest.detector, self.ingest.buffer
         self.accuracy_ = AccuracyMatrix()
+        self.task_inference_accuracy_: float | None = None  # of the newest model (option on)
         self.model_version_ = 0
         self.predictor_ = self.trained_ = None
 
@@ -151,7 +153,15 @@ class StreamUnit:
             return TaskResult(task, classes, 0.0, {}, self.learner.steps_ - steps_before, e)
         held_out = {t: self.buffer.holdout_dataset(t, scale=1.0) for t in self.buffer.holdout_tasks}
         accuracy = self.learner.evaluate(held_out)
-        return TaskResult(task, classes, seconds, accuracy, self.learner.steps_ - steps_before)
+        steps = self.learner.steps_ - steps_before
+        return TaskResult(
+            task,
+            classes,
+            seconds,
+            accuracy,
+            steps,
+            task_inference_accuracy=self.learner.task_inference_accuracy(held_out),
+        )
 
     def finish(self, result: TaskResult) -> None:
         """Take in a training result: a new model version, or, for a task that does not fit,
@@ -175,9 +185,10 @@ class StreamUnit:
             return
         for task, (acc, n) in result.accuracy.items():
             self.accuracy_.record(result.task, task, acc, n)
+        self.task_inference_accuracy_ = result.task_inference_accuracy
         self.model_version_ += 1
         self.trained_ = self.learner.frozen_copy(self.model_version_)
-        self.tm.snapshot(self.learner.spacenet, self.accuracy_, self.model_version_)
+        self._snapshot()
         log.info(
             "task %d learned in %.1fs (model version %d); held-out accuracy %s",
             result.task,
@@ -227,6 +238,7 @@ class StreamUnit:
             **self.ingest.pending.state_dict(),
             **self.buffer.state_dict(),
             "accuracy": json.dumps(self.accuracy_.as_dict()),
+            "task_inference_accuracy": json.dumps(self.task_inference_accuracy_),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -238,7 +250,14 @@ class StreamUnit:
         self.ingest.pending.load_state_dict(state)
         self.buffer.load_state_dict(state)
         self.accuracy_ = AccuracyMatrix.from_dict(json.loads(state["accuracy"]))
+        self.task_inference_accuracy_ = json.loads(state.get("task_inference_accuracy", "null"))
         self.model_version_ = int(state["model_version"])
         self.predictor_ = self.trained_ = self.learner.frozen_copy(self.model_version_)
         self.m.model_published(self.model_version_)
-        self.tm.snapshot(self.learner.spacenet, self.accuracy_, self.model_version_)
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        """Publish the model's capacity and held-out scores to the metrics."""
+        self.tm.snapshot(
+            self.learner.spacenet, self.accuracy_, self.model_version_, self.task_inference_accuracy_
+        )

@@ -191,6 +191,13 @@ LEARNING = Row(
             **PERCENT,
         ),
         graph(
+            "Task inference",
+            q("avg(spacenet_task_inference_accuracy_ratio)", "task chosen right"),
+            description="Held-out records whose task the task inference (setting task_inference) "
+            "chose right: class-incremental accuracy is this times accuracy within the task.",
+            **PERCENT,
+        ),
+        graph(
             "Accuracy per task",
             q("max by (task) (spacenet_task_accuracy_ratio)", "task {{task}}"),
             description="Held-out accuracy of each task after the latest task.",

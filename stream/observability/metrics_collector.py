@@ -128,15 +128,23 @@ class ModelState:
     accuracy: AccuracySnapshot | None = None
     model_version: int = 0
     reserved: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+    task_inference_accuracy: float | None = None  # None: the option is off
 
     @classmethod
-    def of(cls, net: SpaceNet, accuracy: AccuracySource | None = None, model_version: int = 0) -> ModelState:
+    def of(
+        cls,
+        net: SpaceNet,
+        accuracy: AccuracySource | None = None,
+        model_version: int = 0,
+        task_inference_accuracy: float | None = None,
+    ) -> ModelState:
         """Snapshot ``net`` (call between tasks, on the thread that trains it)."""
         return cls(
             capacity=net.capacity(),
             accuracy=AccuracySnapshot.of(accuracy) if accuracy is not None else None,
             model_version=model_version,
             reserved=reserved_by_task(net),
+            task_inference_accuracy=task_inference_accuracy,
         )
 
 
@@ -222,6 +230,11 @@ class ModelStateCollector(Collector):
             ("spacenet_average_forgetting_ratio", "Mean forgetting over all tasks but the last."),
             ("spacenet_backward_transfer_ratio", "Mean over earlier tasks of R[last][j] - R[j][j] (-1..1)."),
             ("spacenet_task_labels_truncated", "1 when tasks >= the task-label cap were left out."),
+            (
+                "spacenet_task_inference_accuracy_ratio",
+                "Held-out records whose task the task inference chose right (option task_inference).",
+            ),
+            ("spacenet_task_inference_bytes", "Bytes of the stored task-inference statistics."),
         ]
         return {name: _gauge(name, doc, *labels) for name, doc, *labels in specs}
 
@@ -246,6 +259,9 @@ class ModelStateCollector(Collector):
         f["spacenet_tasks_remaining"].add_metric([], float(cap.tasks_remaining))
         f["spacenet_tasks_learned"].add_metric([], float(cap.tasks_learned))
         f["spacenet_classes_learned"].add_metric([], float(cap.classes_known))
+        if state.task_inference_accuracy is not None:
+            f["spacenet_task_inference_accuracy_ratio"].add_metric([], float(state.task_inference_accuracy))
+        f["spacenet_task_inference_bytes"].add_metric([], float(cap.task_inference_bytes))
         acc = state.accuracy
         if acc is not None and acc.rows:
             truncated |= self._fill_accuracy(f, acc)

@@ -49,10 +49,19 @@ class Telemetry:
         self.lag_every_s = lag_every_s
         self._next_lag = 0.0
 
-    def snapshot(self, net: SpaceNet, accuracy: AccuracySource | None, version: int) -> None:
+    def snapshot(
+        self,
+        net: SpaceNet,
+        accuracy: AccuracySource | None,
+        version: int,
+        task_inference_accuracy: float | None = None,
+    ) -> None:
         """Publish what the model knows now (call between tasks, on the training side)."""
         self.state_ = ModelState.of(
-            net, accuracy if accuracy is not None and _has_rows(accuracy) else None, version
+            net,
+            accuracy if accuracy is not None and _has_rows(accuracy) else None,
+            version,
+            task_inference_accuracy,
         )
         self.metrics.set_known_classes(len(net.label_to_unit_))
 

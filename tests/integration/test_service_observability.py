@@ -109,7 +109,8 @@ def observed(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
     work = tmp_path_factory.mktemp("observability")
     topic = unique_name("observed")
     create_topics(kafka_bootstrap, topic)
-    settings = service_settings(topic, kafka_bootstrap, work / "state")
+    # With the task inference on, so that its series (and its dashboard panel) have data too.
+    settings = service_settings(topic, kafka_bootstrap, work / "state", task_inference="true")
     producer = make_producer(kafka_bootstrap)
     prom: PrometheusServer | None = None
     started_at = time.time()

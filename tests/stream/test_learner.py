@@ -22,3 +22,35 @@ def test_standardize_is_bit_identical_to_the_benchmarks_normalisation() -> None:
     got = Standardize(cfg.input_scale, cfg.input_mean, cfg.input_std)(x.float())
     assert torch.equal(got, expected)
     assert isinstance(build_model(cfg)[0], Standardize)
+
+
+def test_task_inference_setting_predicts_scores_and_round_trips() -> None:
+    from spacenet.strategy.benchmarks import LabeledTensorDataset
+    from spacenet.stream.learner import Learner
+    from tests.support.service import synthetic_images
+
+    cfg = ServiceConfig(
+        task_inference=True, epochs=1, lr=0.05, n_select=40, n_reserve=20, connections=(2000, 400, 40)
+    )
+    learner = Learner(cfg, device="cpu")
+    rng = np.random.default_rng(0)
+    held_out = {}
+    for task, classes in enumerate(([0, 1], [2, 3])):
+        labels = rng.permutation(np.repeat(classes, 150))
+        x = torch.from_numpy(synthetic_images(labels, seed=task)).float()
+        y = torch.from_numpy(labels)
+        learner.train_task(LabeledTensorDataset(x[:200], y[:200]), classes)
+        held_out[task] = LabeledTensorDataset(x[200:], y[200:])
+    assert learner.task_inference_accuracy(held_out) == 1.0  # synthetic classes are easy
+    predictor = learner.frozen_copy(version=2)
+    x = torch.cat([ds.tensors[0] for ds in held_out.values()])
+    y = torch.cat([ds.tensors[1] for ds in held_out.values()])
+    before = predictor.predict(x)
+    assert (before.labels == y).float().mean() > 0.95
+    assert predictor.task_inference is not learner.spacenet.task_inference  # the next fit changes that one
+
+    again = Learner(cfg, device="cpu")
+    again.load_state_dict(learner.state_dict())
+    after = again.frozen_copy(version=2).predict(x)
+    assert torch.equal(before.labels, after.labels) and torch.equal(before.scores, after.scores)
+    assert Learner(ServiceConfig(), device="cpu").task_inference_accuracy(held_out) is None

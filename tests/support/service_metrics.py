@@ -55,7 +55,7 @@ def populated_registry(process: bool = False) -> tuple[CollectorRegistry, Servic
     for classes in ([0, 1], [2, 3]):
         net.begin_task(classes)
         net.end_task()
-    state = ModelState.of(net, _Matrix(), model_version=2)
+    state = ModelState.of(net, _Matrix(), model_version=2, task_inference_accuracy=0.9)
     registry.register(ModelStateCollector(lambda: state))
     if process:
         from prometheus_client import ProcessCollector

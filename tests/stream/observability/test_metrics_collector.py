@@ -31,6 +31,8 @@ FAMILIES = {
     "spacenet_average_forgetting_ratio",
     "spacenet_backward_transfer_ratio",
     "spacenet_task_labels_truncated",
+    "spacenet_task_inference_accuracy_ratio",
+    "spacenet_task_inference_bytes",
     "spacenet_model_state_errors",
 }
 
@@ -197,6 +199,16 @@ def test_no_model_yet_and_failing_source_expose_empty_families() -> None:
     generate_latest(registry)
     assert registry.get_sample_value("spacenet_model_state_errors_total") == 2.0  # two scrapes so far
     assert registry.get_sample_value("spacenet_model_state_available") == 0.0
+
+
+def test_task_inference_accuracy_only_with_the_option(net: SpaceNet) -> None:
+    for accuracy in (None, 0.75):
+        registry = CollectorRegistry()
+        registry.register(
+            ModelStateCollector(lambda a=accuracy: ModelState.of(net, task_inference_accuracy=a))
+        )
+        assert registry.get_sample_value("spacenet_task_inference_accuracy_ratio") == accuracy
+        assert registry.get_sample_value("spacenet_task_inference_bytes") == 0.0  # net has no statistics
 
 
 def test_shares_a_registry_with_service_metrics_without_clashes(net: SpaceNet) -> None:
