@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from spacenet.strategy.calibration import TaskLogitNorm
 from spacenet.strategy.capacity import CapacityReport
@@ -48,23 +47,13 @@ def plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     return bool(group["momentum"] == 0 and group["weight_decay"] == 0 and not group.get("maximize", False))
 
 
-def dataset_tensors(dataset: Any, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
-    """All inputs and labels of a (small) dataset, on the CPU, in dataset order. The
-    loader gets its own generator: it must not draw from the global RNG that training
-    uses (an iterator draws a base seed even without shuffling)."""
-    xs, ys = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator()):
-        xs.append(batch[0].cpu())
-        ys.append(torch.as_tensor(batch[1]).cpu())
-    return torch.cat(xs), torch.cat(ys)
-
-
 class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
     """Avalanche plugin running SpaceNet: ``spacenet_options`` are ``SpaceNet``'s parameters
     (``n_select``, ``n_reserve``, ``connections``, ``seed``, ...; its defaults are the paper's);
     ``calibration`` is an option beyond the paper (see ``calibration.py``). With SpaceNet's
-    ``task_inference``, each task's statistics are fitted from its experience's dataset after
-    training, and evaluation outputs are ``SpaceNet.infer``'s class log-probabilities."""
+    ``task_inference``, the first epoch's batches are shown to ``SpaceNet.observe`` (the task's
+    statistics are fitted from them at its end), and evaluation outputs are
+    ``SpaceNet.infer``'s class log-probabilities."""
 
     def __init__(self, *, calibration: TaskLogitNorm | None = None, **spacenet_options: Any) -> None:
         super().__init__()
@@ -102,6 +91,7 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
         self._plain_sgd = plain_sgd(strategy.optimizer)
 
     def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self.spacenet.observe(strategy.mbatch[0], strategy.mbatch[1])
         self._map_labels(strategy)
 
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
@@ -126,8 +116,6 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
             self.calibration.fit_task(
                 strategy.model, self.spacenet, task, strategy.experience.dataset, device=strategy.device
             )
-        if self.spacenet.task_inference is not None and task is not None:
-            self.spacenet.fit_task_inference(task, *dataset_tensors(strategy.experience.dataset))
 
     # ----------------------------------------------------------- evaluation
     def before_eval(self, strategy: Any, **kwargs: Any) -> None:

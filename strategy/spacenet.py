@@ -58,11 +58,11 @@ class SpaceNet:
             the paper) keeps them, frozen, so the new task's classes learn to outscore
             the old classes on the new task's own data.
         layer_names: which modules to manage, in forward order; default all Linear/Conv2d.
-        task_inference: option beyond the paper: a ``TaskInference`` that, fitted at the
-            end of each task from that task's own records (``fit_task_inference``),
-            chooses the task of an input at inference; the class within it comes from the
-            task's own output units (``infer``). ``None`` (faithful mode): argmax over all
-            output units.
+        task_inference: option beyond the paper: a ``TaskInference`` that chooses the
+            task of an input at inference; the class within it comes from the task's own
+            output units (``infer``). It is fitted at ``end_task`` from the task's own
+            records, as passed to ``observe`` during the task's first epoch (then
+            discarded). ``None`` (faithful mode): argmax over all output units.
     """
 
     def __init__(
@@ -126,6 +126,7 @@ class SpaceNet:
         self.epoch_ = 0
         self.hidden_rows_: Tensor | None = None
         self.hidden_units_: Tensor | None = None
+        self.task_records_: list[tuple[Tensor, Tensor]] = []  # the open task's, for task_inference
         self.generator_ = torch.Generator().manual_seed(self.seed)
         if not reset:
             return self
@@ -181,6 +182,7 @@ class SpaceNet:
             self.label_to_unit_[label] = unit
         self.task_ = task
         self.epoch_ = 0
+        self.task_records_ = []
         self.hide_other_tasks()
         self._refresh_masks()
 
@@ -269,6 +271,13 @@ class SpaceNet:
         for layer in self.layers_:
             layer.after_step(sgd_lr)
 
+    def observe(self, inputs: Tensor, labels: Tensor) -> None:
+        """Show a training batch (inputs as the model gets them, labels as given to
+        ``begin_task``). With ``task_inference``, the first epoch's batches are kept until
+        ``end_task`` fits the task's statistics from them; otherwise nothing happens."""
+        if self.task_inference is not None and self.task_ is not None and self.epoch_ == 0:
+            self.task_records_.append((inputs.detach().cpu(), labels.detach().cpu()))
+
     def end_epoch(self, last: bool) -> None:
         """After every epoch but the task's last: drop and regrow hidden connections."""
         self.epoch_ += 1
@@ -309,9 +318,16 @@ class SpaceNet:
         layer.place(grown.view_as(own), task, from_init=False)
 
     def end_task(self) -> None:
-        """Reserve each hidden layer's most important free neurons; freeze the task."""
+        """Reserve each hidden layer's most important free neurons; freeze the task; with
+        ``task_inference``, fit the task's statistics from its observed records."""
         if self.task_ is None:
             raise RuntimeError("no task is open")
+        if self.task_inference is not None:
+            if not self.task_records_:
+                raise RuntimeError("task_inference needs the task's records: call observe() for each batch")
+            inputs, labels = (torch.cat(parts) for parts in zip(*self.task_records_, strict=True))
+            self.task_inference.fit_task(self.task_, inputs, self.units_of(labels.to(torch.long)))
+            self.task_records_ = []
         for i, layer in enumerate(self.hidden):
             free = layer.reserved_by_ == FREE
             n = min(self.n_reserve_[i], int(free.sum()))
@@ -323,15 +339,6 @@ class SpaceNet:
         self._refresh_masks()
 
     # ------------------------------------------------------- task inference
-    def fit_task_inference(self, task: int, inputs: Tensor, labels: Tensor) -> None:
-        """After ``end_task``: fit the task-identity statistics of ``task`` from its own
-        records (``inputs`` as the model sees them, ``labels`` as given to ``begin_task``)."""
-        if self.task_inference is None:
-            raise RuntimeError("this SpaceNet has no task_inference")
-        if task >= self.tasks_learned_ or self.task_ is not None:
-            raise RuntimeError(f"task {task} is not finished: call end_task() first")
-        self.task_inference.fit_task(task, inputs, self.units_of(labels.to(torch.long)))
-
     def infer(self, logits: Tensor, inputs: Tensor) -> Tensor:
         """Output scores for class-incremental prediction: with ``task_inference``, class
         log-probabilities (task from the inputs, class from the task's units); without

@@ -379,26 +379,31 @@ def _unpack(packed: Tensor, bits: int, d: int, k: int) -> Tensor:
     return flat[: n * d * k].view(n, d, k).to(torch.int8)
 
 
-def _kmeans(z: Tensor, m: int, generator: torch.Generator, iterations: int = 10) -> Tensor:
-    """Cluster assignments of the rows of ``z`` into ``m`` groups (k-means++ start)."""
+def _kmeans(
+    z_all: Tensor, m: int, generator: torch.Generator, iterations: int = 10, sample: int = 2048
+) -> Tensor:
+    """Cluster assignments of the rows of ``z_all`` into ``m`` groups: k-means (k++ start) on
+    a random sample of at most ``sample`` rows, then every row to its nearest centre."""
+    kept = torch.randperm(z_all.shape[0], generator=generator)[:sample].sort().values
+    z = z_all[kept]
     n = z.shape[0]
-    z_sq = z.square().sum(dim=1, keepdim=True)
 
-    def sq_dist(centres: Tensor) -> Tensor:
-        return (z_sq - 2 * z @ centres.T + centres.square().sum(dim=1)).clamp_min_(0.0)
+    def sq_dist(centres: Tensor, rows: Tensor) -> Tensor:
+        rows_sq = rows.square().sum(dim=1, keepdim=True)
+        return (rows_sq - 2 * rows @ centres.T + centres.square().sum(dim=1)).clamp_min_(0.0)
 
     centres = z[torch.randint(n, (1,), generator=generator)]
     for _ in range(1, m):
-        d2 = sq_dist(centres).amin(dim=1)
+        d2 = sq_dist(centres, z).amin(dim=1)
         pick = torch.multinomial(d2 / d2.sum(), 1, generator=generator)
         centres = torch.cat([centres, z[pick]])
-    assign = sq_dist(centres).argmin(dim=1)
+    assign = sq_dist(centres, z).argmin(dim=1)
     for _ in range(iterations):
         counts = torch.bincount(assign, minlength=m).unsqueeze(1).to(z.dtype)
         sums = torch.zeros(m, z.shape[1], dtype=z.dtype).index_add_(0, assign, z)
         centres = torch.where(counts > 0, sums / counts.clamp_min(1.0), centres)  # empty: stays
-        new = sq_dist(centres).argmin(dim=1)
+        new = sq_dist(centres, z).argmin(dim=1)
         if torch.equal(new, assign):
             break
         assign = new
-    return assign
+    return sq_dist(centres, z_all).argmin(dim=1)

@@ -180,3 +180,21 @@ def test_batched_scorer_matches_the_dense_gaussian_density() -> None:
     )
     assert torch.allclose(_Scorer([[c] for c in comps])(z).double(), dense, atol=1e-3)
     assert torch.allclose(_Scorer([comps])(z).double()[:, 0], torch.logsumexp(dense, dim=1), atol=1e-3)
+
+
+def test_end_task_needs_the_observed_records_and_discards_them() -> None:
+    from spacenet.strategy import SpaceNet
+
+    net = SpaceNet(task_inference=TaskInference(components=1, rank=2, input_range=(-5, 5))).attach(
+        SpaceNetMLP()
+    )
+    net.begin_task([0, 1])
+    with pytest.raises(RuntimeError, match="observe"):
+        net.end_task()
+    x, y = gaussian_classes([0, 1], 30, 0).tensors
+    net.observe(x, y)
+    net.end_epoch(last=False)
+    net.observe(x + 100, y)  # later epochs are not kept: the first already held every record
+    net.end_task()
+    assert net.task_records_ == [] and sorted(net.task_inference.models_) == [0, 1]  # type: ignore[union-attr]
+    assert torch.equal(net.task_inference.predict_task(x), torch.zeros(60, dtype=torch.long))  # type: ignore[union-attr]
