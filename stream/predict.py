@@ -91,7 +91,7 @@ class PredictionWorker:
         self.stop_ = threading.Event()
         self.served_ = 0
         self.error_: BaseException | None = None
-        self._models: dict[int, Predictor | None] = {}  # by stream; the worker thread's
+        self._models: dict[int, Predictor | None] = {}  # of the streams assigned; the worker thread's
         self._wanted: dict[int, Predictor | None] = {}  # what the loop asks for, under the lock
         self._lock = threading.Lock()
         self._reply_partitions: set[int] | None = None  # of the predictions topic
@@ -176,7 +176,8 @@ class PredictionWorker:
             return
         if decoded.is_control:
             return
-        predictor = self._models.get(msg.partition)
+        with self._lock:  # the newest model, even if published while this request was polled
+            predictor = self._wanted.get(msg.partition, self._models.get(msg.partition))
         n = decoded.num_records
         if predictor is None:
             labels, scores, version = np.full(n, -1, np.int64), np.zeros(n, np.float32), 0

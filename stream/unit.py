@@ -164,7 +164,9 @@ class StreamUnit:
     def finish(self, result: TaskResult) -> None:
         """Take in a training result: a new model version, or, for a task that does not fit,
         its training records to the dead-letter topic. An abandoned training changes nothing."""
-        self.m.training_finished(result.train_seconds, failed=result.error is not None, task=result.task)
+        self.m.training_finished(
+            result.train_seconds, failed=result.error is not None, task=result.task, stream=self.stream
+        )
         self.m.steps(result.steps)
         if isinstance(result.error, TrainingAbandoned):
             return

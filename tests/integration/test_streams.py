@@ -211,7 +211,7 @@ def test_a_second_process_takes_streams_over_without_losing_or_repeating_a_recor
         first = next(h for h in into if h.stream == p and h.what == "first message")
         assert out[p].offset == taken.offset == first.offset == half, (out[p], taken, first)
         revoked = out[p].at - out[p].seconds
-        print(f"hand-over of stream {p}: {first.at - revoked:.2f} s from revocation to the first message")
+        print(f"hand-over of stream {p}: {taken.at - revoked:.2f} s from revocation to restored at B")
 
 
 # ------------------------------------------------------------------ three processes, one killed
