@@ -230,10 +230,10 @@ def test_task_inference_accuracy_only_with_the_option(net: SpaceNet) -> None:
     for accuracy in (None, 0.75):
         registry = CollectorRegistry()
         registry.register(
-            ModelStateCollector(lambda a=accuracy: ModelState.of(net, task_inference_accuracy=a))
+            ModelStateCollector(lambda a=accuracy: {"0": ModelState.of(net, task_inference_accuracy=a)})
         )
-        assert registry.get_sample_value("spacenet_task_inference_accuracy_ratio") == accuracy
-        assert registry.get_sample_value("spacenet_task_inference_bytes") == 0.0  # net has no statistics
+        assert sample(registry, "spacenet_task_inference_accuracy_ratio") == accuracy
+        assert sample(registry, "spacenet_task_inference_bytes") == 0.0  # net has no statistics
 
 
 def test_shares_a_registry_with_service_metrics_without_clashes(net: SpaceNet) -> None:
