@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -286,3 +287,65 @@ def test_a_restart_announces_only_what_was_not_committed(tmp_path: Path, committ
     for _ in range(50):
         second.loop.step()
     assert [m["model_version"] for m in second.models()] == ([] if committed else [1])
+
+
+class TwoPartitions(RecordingConsumer):
+    """Two partitions carrying the same stream, each with its own position and pause."""
+
+    def __init__(self, log: list[tuple[Any, ...]], checkpoints: Path) -> None:
+        super().__init__(stream(), log, checkpoints)
+        self.tps = [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)]
+        self.nexts = dict.fromkeys(self.tps, 0)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.tps)
+
+    def poll(
+        self, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[Message]]:
+        self.log.append(("poll", frozenset(tp.partition for tp in self.paused)))
+        out = {}
+        for tp in self.tps:
+            if tp not in self.paused and self.nexts[tp] < len(self.messages):
+                out[tp] = [m._replace(partition=tp.partition) for m in self.messages[self.nexts[tp] :]]
+                self.nexts[tp] = len(self.messages)
+        if not out:
+            time.sleep(0.001)
+        return out
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.nexts[tp] = offset
+
+    def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+        self.log.append(("commit", {tp.partition: meta.offset for tp, meta in offsets.items()}))
+
+
+def test_a_stream_in_training_holds_up_neither_polling_nor_the_other_streams(tmp_path: Path) -> None:
+    consumer = TwoPartitions([], tmp_path / "unused")
+    run = Run(tmp_path, consumer)
+    run.loop.on_assigned(consumer.tps)
+    run.until(lambda: sorted(run.loop.streams) == [0, 1])
+    first, second = run.loop.streams[0], run.loop.streams[1]
+    gate = threading.Event()
+    train = first.unit.train
+
+    def held(closed: Any) -> Any:
+        assert gate.wait(60), "never released"
+        return train(closed)
+
+    first.unit.train = held  # type: ignore[method-assign]
+    # While stream 0's first task trains (held), stream 1 reads on to the end of a task of
+    # its own (the first, or the second if it had the trainer first), which then waits for
+    # the trainer, its partition paused too.
+    run.until(lambda: run.loop._job is not None and run.loop._job[0] is first and second.closed is not None)
+    assert second.unit.positions_[1] in (6, 12) and consumer.paused == set(consumer.tps)
+    held_since = len(run.log)
+    for _ in range(20):
+        run.loop.step()
+    assert [e for e in run.log[held_since:] if e[0] == "poll"], "polling stopped during the training"
+    gate.set()
+    run.until(lambda: {p: o for _, e in calls(run.log, "commit") for p, o in e[1].items()} == {0: 13, 1: 13})
+    commits = [e[1] for _, e in calls(run.log, "commit")]
+    assert sorted(commits, key=lambda c: sorted(c.items())) == [{0: 7}, {0: 13}, {1: 7}, {1: 13}]
+    for p in (0, 1):
+        assert [m["model_version"] for m in run.models() if m["stream"] == p] == [1, 2]
