@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 CODE  := strategy stream
 
-.PHONY: setup system-deps kafka-jars lint test test-fast demo bench clean
+.PHONY: setup system-deps kafka-jars lint test test-fast test-scale demo bench clean
 
 setup:
 	@scripts/bootstrap.sh >/dev/null
@@ -20,9 +20,13 @@ lint: setup
 	scripts/mypy.sh
 
 # Default test run: quality gates, unit tests, and integration tests against a real
-# Kafka broker and a real Prometheus that the fixtures start and stop.
+# Kafka broker and a real Prometheus that the fixtures start and stop (all but `scale`).
 test: setup system-deps kafka-jars lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not scale" $(PYTEST_ARGS)
+
+# Several `spacenet serve` processes sharing streams, one killed (a few minutes).
+test-scale: setup system-deps kafka-jars
+	$(PY) -m pytest -m scale -s $(PYTEST_ARGS)
 
 # Unit tests only: no broker, no Prometheus, nothing marked slow.
 test-fast: setup

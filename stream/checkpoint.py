@@ -2,7 +2,8 @@
 
 One checkpoint is one file ``ckpt-<version>.pt``: a ``torch.save`` payload (tensors,
 numbers, strings, lists and dicts only) followed by a 40-byte footer, the magic
-``SNCK`` + format version and the payload's SHA-256. It is written to a temporary
+``SNCK`` + format version and the payload's SHA-256 (``encode``; ``decode`` verifies and
+loads; the changelog topic carries the same bytes). It is written to a temporary
 name, flushed and fsynced, then renamed into place (and the directory fsynced), so
 a crash leaves either the previous state or the new one. A torn or altered file
 fails its checksum and is skipped with a warning: ``latest()`` falls back to the
@@ -56,10 +57,11 @@ class CheckpointStore:
 
     def save(self, version: int, payload: dict[str, Any]) -> Path:
         """Write ``payload`` as checkpoint ``version``; raises ``CheckpointError``."""
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        body = buf.getvalue()
-        footer = FOOTER.pack(MAGIC, FORMAT, hashlib.sha256(body).digest())
+        return self.write(version, encode(payload))
+
+    def write(self, version: int, data: bytes) -> Path:
+        """Write ``encode()`` output as checkpoint ``version``; raises ``CheckpointError``."""
+        body, footer = data[: -FOOTER.size], data[-FOOTER.size :]
         final = self.path_for(version)
         tmp = final.with_name(final.name + ".tmp")
         try:
@@ -89,20 +91,18 @@ class CheckpointStore:
 
     def load(self, version: int) -> dict[str, Any]:
         """Read and verify one checkpoint; ``ValueError`` if it is torn or altered."""
-        data = self.path_for(version).read_bytes()
-        if len(data) < FOOTER.size:
-            raise ValueError("file shorter than its footer")
-        magic, fmt, digest = FOOTER.unpack(data[-FOOTER.size :])
-        body = data[: -FOOTER.size]
-        if magic != MAGIC or fmt != FORMAT:
-            raise ValueError("no checkpoint footer (torn write?)")
-        if hashlib.sha256(body).digest() != digest:
-            raise ValueError("checksum mismatch (torn or altered file)")
+        return decode(self.path_for(version).read_bytes())
+
+    def digest(self, version: int) -> bytes | None:
+        """The SHA-256 its footer claims for checkpoint ``version`` (None: no such file or
+        no footer), read without loading it: enough to tell whether it is a given payload."""
         try:
-            payload: dict[str, Any] = torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"refused to load (not plain tensors and containers): {e}") from e
-        return payload
+            with open(self.path_for(version), "rb") as f:
+                f.seek(-FOOTER.size, os.SEEK_END)
+                magic, fmt, digest = FOOTER.unpack(f.read(FOOTER.size))
+        except (OSError, struct.error):
+            return None
+        return bytes(digest) if magic == MAGIC and fmt == FORMAT else None
 
     def latest(self) -> tuple[int, dict[str, Any]] | None:
         """The newest checkpoint that verifies, or None when there is none."""
@@ -119,6 +119,36 @@ class CheckpointStore:
             self.path_for(version).unlink(missing_ok=True)
         for stale in self.directory.glob("*.tmp"):
             stale.unlink(missing_ok=True)
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    """``payload`` as checkpoint bytes: the ``torch.save`` body, then the footer with its SHA-256."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getvalue()
+    return body + FOOTER.pack(MAGIC, FORMAT, hashlib.sha256(body).digest())
+
+
+def digest_of(data: bytes) -> bytes:
+    """The SHA-256 the footer of ``encode()`` output carries."""
+    return bytes(FOOTER.unpack(data[-FOOTER.size :])[2])
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """Verify and load ``encode()`` output; ``ValueError`` if it is torn or altered."""
+    if len(data) < FOOTER.size:
+        raise ValueError("shorter than its footer")
+    magic, fmt, digest = FOOTER.unpack(data[-FOOTER.size :])
+    body = data[: -FOOTER.size]
+    if magic != MAGIC or fmt != FORMAT:
+        raise ValueError("no checkpoint footer (torn write?)")
+    if hashlib.sha256(body).digest() != digest:
+        raise ValueError("checksum mismatch (torn or altered)")
+    try:
+        payload: dict[str, Any] = torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refused to load (not plain tensors and containers): {e}") from e
+    return payload
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -37,12 +37,15 @@ class ServiceConfig:
     predictions_topic: str = ""  # default: <topic>.predictions
     models_topic: str = ""  # default: <topic>.models
     dead_letter_topic: str = ""  # default: <topic>.dlq
+    changelog_topic: str = ""  # default: <topic>.state
+    changelog: bool = True  # state in the changelog topic (false: the state dir only)
     poll_timeout_ms: int = 500
     max_poll_records: int = 500
     session_timeout_ms: int = 45_000  # a dead member's partitions move after this long
     # State and endpoints
     state_dir: str = "./spacenet-state"
     keep_checkpoints: int = 3
+    checkpoint_max_age_s: float = 7200.0  # the stale-checkpoint alert's threshold (a gauge)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9109  # 0: any free port; -1: no metrics/health server
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -89,6 +92,7 @@ class ServiceConfig:
             ("predictions_topic", "predictions"),
             ("models_topic", "models"),
             ("dead_letter_topic", "dlq"),
+            ("changelog_topic", "state"),
         ):
             if not getattr(self, name):
                 object.__setattr__(self, name, f"{t}.{suffix}")

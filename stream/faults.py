@@ -6,7 +6,8 @@ dies there with ``os._exit(137)``, as abruptly as ``kill -9``: no cleanup, no fl
 The variable is read once, when this module is imported; unset, a call returns at once.
 
 Points: ``checkpoint_mid_write`` (half of the checkpoint file written),
-``after_checkpoint`` (checkpoint on disk, offsets not yet committed),
+``changelog_mid_write`` (a checkpoint's chunks on the changelog topic, not its manifest),
+``after_checkpoint`` (checkpoint written, offsets not yet committed),
 ``training`` (inside a training step), ``buffering`` (after records were buffered).
 
     >>> maybe_crash("training")   # unarmed: returns

@@ -59,8 +59,9 @@ Decoding = tuple[wire.Decoded | wire.WireError, float]  # a message or why not, 
 
 
 class Ingest:
-    """Routes one consumer's messages; ``positions_`` is the offset after the last message
-    handled, per partition (what a checkpoint may commit)."""
+    """Routes one stream's messages; ``positions_`` is the offset after the last message
+    handled, per partition (what a checkpoint may commit). ``stream`` labels its per-stream
+    series (``spacenet_current_task``)."""
 
     positions_: dict[int, int]
 
@@ -74,8 +75,10 @@ class Ingest:
         metrics: ServiceMetrics,
         dead_letters: DeadLetters,
         dtype: str = "uint8",
+        stream: str = "0",
     ) -> None:
         self.topic = topic
+        self.stream = stream
         self.decoder = wire.Decoder(limits)  # its ``limits`` are the ingest's
         self.detector = detector
         self.buffer = buffer
@@ -89,9 +92,14 @@ class Ingest:
 
     @classmethod
     def from_config(
-        cls, cfg: ServiceConfig, metrics: ServiceMetrics, dead_letters: DeadLetters, spill_dir: Path
+        cls,
+        cfg: ServiceConfig,
+        metrics: ServiceMetrics,
+        dead_letters: DeadLetters,
+        spill_dir: Path,
+        stream: str,
     ) -> Ingest:
-        """The ingest of ``spacenet serve`` with these settings, spilling into ``spill_dir``."""
+        """The ingest of ``stream`` in ``spacenet serve`` with these settings, spilling into ``spill_dir``."""
         limits = wire.WireLimits(
             max_message_bytes=cfg.max_message_bytes,
             max_records=min(cfg.max_records_per_message, 1 << ROW_BITS),
@@ -114,7 +122,7 @@ class Ingest:
             holdout_max_per_task=cfg.holdout_max_per_task,
             seed=cfg.seed,
         )
-        return cls(cfg.topic, limits, detector, buffer, PendingStore(), metrics, dead_letters)
+        return cls(cfg.topic, limits, detector, buffer, PendingStore(), metrics, dead_letters, stream=stream)
 
     def handle(self, backlog: collections.deque[Any]) -> Iterator[Closed]:
         """Handle messages from the front of ``backlog`` until it is empty or a message
@@ -153,8 +161,8 @@ class Ingest:
             if kind == EventKind.OPENED:
                 self._ensure_open(int(event.task))  # type: ignore[arg-type]
                 self.m.boundary(event.reason.value if event.reason else "new_class")
-                self.m.set_current_task(int(event.task))  # type: ignore[arg-type]
-                log.info("task %s opened (%s)", event.task, event.reason)
+                self.m.set_current_task(self.stream, int(event.task))  # type: ignore[arg-type]
+                log.info("stream %s: task %s opened (%s)", self.stream, event.task, event.reason)
             elif kind == EventKind.RELEASED:
                 recs = self.pending.take(event.seqs)
                 self._ensure_open(int(event.task))  # type: ignore[arg-type]
@@ -168,7 +176,8 @@ class Ingest:
                 self.m.disagreement()
             elif kind == EventKind.CLOSED:
                 log.info(
-                    "task %s closed (%s), classes %s, %d records",
+                    "stream %s: task %s closed (%s), classes %s, %d records",
+                    self.stream,
                     event.task,
                     event.reason,
                     list(event.classes),

@@ -157,8 +157,13 @@ class KafkaSettings:
 def training_consumer_options(cfg: ServiceConfig) -> dict[str, Any]:
     """How ``spacenet serve`` opens its training consumer, beside ``client_kwargs()`` and the
     group: no auto commit (offsets follow checkpoints), from the earliest offset, fetches
-    sized for the largest accepted message; kafka-python's defaults for everything else."""
+    sized for the largest accepted message, and the cooperative sticky assignor, so that a
+    rebalance moves only the partitions that change owner (the others keep their stream
+    units and trainings); kafka-python's defaults for everything else."""
+    from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+
     return {
+        "partition_assignment_strategy": (CooperativeStickyAssignor,),
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_poll_records": cfg.max_poll_records,
@@ -205,5 +210,16 @@ def ensure_topics(
         if created:
             admin.wait_for_topics(created, timeout_ms=timeout_ms)
         return created
+    finally:
+        admin.close()
+
+
+def partition_count(settings: KafkaSettings, topic: str) -> int:
+    """How many partitions ``topic`` has."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(**settings.client_kwargs())
+    try:
+        return len(admin.describe_topics([topic])[0]["partitions"])
     finally:
         admin.close()

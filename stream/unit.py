@@ -18,8 +18,8 @@ drives it in this order::
     publish()                    -> once that checkpoint is on disk: serve the new model
     announcement()               -> the models-topic event of the current model version
 
-``partition=None`` (what ``spacenet serve`` runs) takes every partition the consumer is given
-as one stream; a unit for one partition takes that partition only.
+``spacenet serve`` makes one unit per assigned partition (``loop.py``); a unit's metrics
+carry its partition as the ``stream`` label.
 
     >>> import collections, tempfile
     >>> import numpy as np
@@ -30,7 +30,7 @@ as one stream; a unit for one partition takes that partition only.
     ...     input_shape=(1, 2, 2), hidden=(8, 8), n_select=4, n_reserve=2, connections=(0.5, 0.5, 0.5),
     ...     min_count=2, group_window=8, holdout_fraction=0.0, device="cpu", state_dir=tempfile.mkdtemp())
     >>> tm = Telemetry(CollectorRegistry())
-    >>> unit = StreamUnit(cfg, tm, DeadLetters(print, "t.dlq", tm.metrics))
+    >>> unit = StreamUnit(cfg, tm, DeadLetters(print, "t.dlq", tm.metrics), partition=0)
     >>> Message = collections.namedtuple("Message", "topic partition offset key value headers")
     >>> def message(offset, label):
     ...     value = wire.encode(np.full((4, 1, 2, 2), 60 * label, np.uint8), [label] * 4)
@@ -43,7 +43,7 @@ as one stream; a unit for one partition takes that partition only.
     >>> unit.finish(unit.train(closed))
     >>> next(closing, "done"), unit.model_version_, unit.positions_, len(backlog)
     ('done', 1, {0: 5}, 1)
-    >>> restored = StreamUnit(cfg, tm, DeadLetters(print, "t.dlq", tm.metrics))
+    >>> restored = StreamUnit(cfg, tm, DeadLetters(print, "t.dlq", tm.metrics), partition=0)
     >>> restored.load_state_dict(unit.state_dict())
     >>> restored.model_version_, restored.positions_, restored.predictor_.version
     (1, {0: 5}, 1)
@@ -89,6 +89,7 @@ class StreamUnit:
     """Ingest, learner and model version of one stream (see the module doc)."""
 
     model_version_: int  # tasks learned into the model (0: none yet)
+    steps_: int  # optimizer steps of the tasks learned into the model
     predictor_: Predictor | None  # what predictions are served with: the newest checkpointed model
     trained_: Predictor | None  # the newest model, served once its checkpoint is on disk
 
@@ -97,31 +98,28 @@ class StreamUnit:
         cfg: ServiceConfig,
         telemetry: Telemetry,
         dead_letters: DeadLetters,
+        partition: int,
         learner: Learner | None = None,
-        partition: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.partition = partition
+        self.stream = str(partition)  # the ``stream`` label of its metrics
         self.tm = telemetry
         self.m = telemetry.metrics
         self.dead_letters = dead_letters
         self.learner = learner or Learner(cfg)
-        spill = state_path(cfg) / ("spill" if partition is None else f"spill/partition-{partition}")
-        self.ingest = Ingest.from_config(cfg, self.m, dead_letters, spill)
+        spill = state_path(cfg) / f"spill/partition-{partition}"
+        self.ingest = Ingest.from_config(cfg, self.m, dead_letters, spill, self.stream)
         self.detector, self.buffer = self.ingest.detector, self.ingest.buffer
         self.accuracy_ = AccuracyMatrix()
         self.task_inference_accuracy_: float | None = None  # of the newest model (option on)
-        self.model_version_ = 0
+        self.model_version_ = self.steps_ = 0
         self.predictor_ = self.trained_ = None
 
     @property
     def positions_(self) -> dict[int, int]:
         """The offset after the last message handled, per partition (what may be committed)."""
         return self.ingest.positions_
-
-    def covers(self, partition: int) -> bool:
-        """Whether this unit learns from ``partition``."""
-        return self.partition is None or self.partition == partition
 
     # ------------------------------------------------------------------ ingest
     def handle(self, backlog: collections.deque[Any]) -> Iterator[Closed]:
@@ -166,7 +164,9 @@ class StreamUnit:
     def finish(self, result: TaskResult) -> None:
         """Take in a training result: a new model version, or, for a task that does not fit,
         its training records to the dead-letter topic. An abandoned training changes nothing."""
-        self.m.training_finished(result.train_seconds, failed=result.error is not None, task=result.task)
+        self.m.training_finished(
+            result.train_seconds, failed=result.error is not None, task=result.task, stream=self.stream
+        )
         self.m.steps(result.steps)
         if isinstance(result.error, TrainingAbandoned):
             return
@@ -187,10 +187,12 @@ class StreamUnit:
             self.accuracy_.record(result.task, task, acc, n)
         self.task_inference_accuracy_ = result.task_inference_accuracy
         self.model_version_ += 1
+        self.steps_ += result.steps
         self.trained_ = self.learner.frozen_copy(self.model_version_)
         self._snapshot()
         log.info(
-            "task %d learned in %.1fs (model version %d); held-out accuracy %s",
+            "stream %d: task %d learned in %.1fs (model version %d); held-out accuracy %s",
+            self.partition,
             result.task,
             result.train_seconds,
             self.model_version_,
@@ -215,7 +217,9 @@ class StreamUnit:
         """The models-topic event of the current model version."""
         report = self.learner.spacenet.capacity()
         return {
+            "stream": self.partition,
             "model_version": self.model_version_,
+            "steps": self.steps_,
             "tasks_learned": report.tasks_learned,
             "classes": sorted(self.learner.spacenet.label_to_unit_),
             "final_accuracy": self.accuracy_.final_accuracy() if self.accuracy_.n_trained else None,
@@ -232,6 +236,7 @@ class StreamUnit:
         return {
             "format": STATE_FORMAT,
             "model_version": self.model_version_,
+            "steps": self.steps_,
             "learner": self.learner.state_dict(),
             "detector": json.dumps(self.detector.state_dict()),
             "positions": {str(p): o for p, o in self.positions_.items()},
@@ -252,12 +257,17 @@ class StreamUnit:
         self.accuracy_ = AccuracyMatrix.from_dict(json.loads(state["accuracy"]))
         self.task_inference_accuracy_ = json.loads(state.get("task_inference_accuracy", "null"))
         self.model_version_ = int(state["model_version"])
+        self.steps_ = int(state.get("steps", 0))  # absent from checkpoints of earlier versions
         self.predictor_ = self.trained_ = self.learner.frozen_copy(self.model_version_)
-        self.m.model_published(self.model_version_)
+        self.m.model_published(self.stream, self.model_version_)
         self._snapshot()
 
     def _snapshot(self) -> None:
         """Publish the model's capacity and held-out scores to the metrics."""
         self.tm.snapshot(
-            self.learner.spacenet, self.accuracy_, self.model_version_, self.task_inference_accuracy_
+            self.stream,
+            self.learner.spacenet,
+            self.accuracy_,
+            self.model_version_,
+            self.task_inference_accuracy_,
         )

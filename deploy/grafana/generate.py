@@ -2,15 +2,19 @@
 
 The panels are plain data (``ROWS``) so that ``expressions()`` lists every PromQL
 expression without the SDK; ``build()`` renders them with Grafana's own
-``grafana-foundation-sdk``. Run from the checkout:
+``grafana-foundation-sdk``. The ``stream`` variable (a partition of the training topic,
+each learned by its own model) selects which streams the per-stream panels show; the
+process panels show every process. Run from the checkout:
 
     python deploy/grafana/generate.py            # rewrite dashboards/spacenet.json
     python deploy/grafana/generate.py --check    # exit 1 if the committed file is stale
 
     >>> len(expressions()) > 40, expressions()[0]
-    (True, 'max(spacenet_model_version)')
+    (True, 'sum(spacenet_streams)')
     >>> queryable("rate(spacenet_batches_total[$__rate_interval])")
     'rate(spacenet_batches_total[1m])'
+    >>> queryable(f"min(spacenet_model_version{STREAM})")
+    'min(spacenet_model_version{stream=~".*"})'
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ OUTPUT = HERE / "dashboards" / "spacenet.json"
 UID = "spacenet-stream"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Grafana replaces these before the query reaches Prometheus; ``queryable`` does too.
-MACROS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+MACROS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$stream": ".*"}
+STREAM = '{stream=~"$stream"}'  # the streams the dashboard's variable selects
 
 PanelKind = Literal["stat", "timeseries", "heatmap", "table"]
 
@@ -84,6 +89,11 @@ def quantile(phi: float, histogram: str, window: str = RATE) -> str:
     return f"histogram_quantile({phi}, sum by (le) (rate({histogram}_bucket[{window}])))"
 
 
+def per_stream(metric: str, agg: str = "max", legend: str = "stream {{stream}}") -> Query:
+    """``metric`` of the streams the dashboard's variable selects, one series per stream."""
+    return q(f"{agg} by (stream) ({metric}{STREAM})", legend)
+
+
 def per_second(counter: str, by: str = "") -> str:
     grouping = f" by ({by}) " if by else ""
     return f"sum{grouping}(rate({counter}[{RATE}]))"
@@ -92,22 +102,30 @@ def per_second(counter: str, by: str = "") -> str:
 OVERVIEW = Row(
     "Overview",
     (
-        stat("Model version", "max(spacenet_model_version)", "Published model version."),
-        stat("Current task", "max(spacenet_current_task)", "Open (or last) task; -1 before the first."),
+        stat("Streams", "sum(spacenet_streams)", "Streams (partitions) learned over all processes."),
+        stat(
+            "Model version",
+            f"min(spacenet_model_version{STREAM})",
+            "Published model version of the selected streams (the least advanced).",
+        ),
         stat(
             "Accuracy (seen classes)",
-            "avg(spacenet_accuracy_ratio)",
-            "Mean held-out accuracy over the tasks learned so far.",
+            f"avg(spacenet_accuracy_ratio{STREAM})",
+            "Mean held-out accuracy over the tasks learned so far, averaged over the selected streams.",
             thresholds=TRAFFIC_LIGHT,
             **PERCENT,
         ),
         stat(
             "Tasks remaining",
-            "min(spacenet_tasks_remaining)",
-            "Estimated further tasks that fit in the free capacity.",
+            f"min(spacenet_tasks_remaining{STREAM})",
+            "Estimated further tasks that fit in the free capacity of the fullest selected stream.",
             thresholds=((0.0, "red"), (1.0, "orange"), (3.0, "green")),
         ),
-        stat("Consumer lag", "sum(spacenet_consumer_lag_messages)", "Messages waiting in the input topic."),
+        stat(
+            "Consumer lag",
+            'sum(spacenet_consumer_lag_messages{partition=~"$stream"})',
+            "Messages waiting in the selected streams' partitions.",
+        ),
         stat(
             "Service up",
             'sum(up{job="spacenet"})',
@@ -117,7 +135,61 @@ OVERVIEW = Row(
     ),
 )
 
-STREAM = Row(
+STREAMS = Row(
+    "Streams",
+    (
+        graph(
+            "Streams per process",
+            q("sum by (instance) (spacenet_streams)", "{{instance}}"),
+            description="Each stream is learned by one process; they move when processes come and go.",
+            stacked=True,
+        ),
+        graph(
+            "Model version per stream",
+            per_stream("spacenet_model_version"),
+        ),
+        graph(
+            "Current task per stream",
+            per_stream("spacenet_current_task"),
+            description="Open (or last) task; -1 before the first.",
+        ),
+        graph(
+            "Checkpoint age per stream",
+            q(
+                f"time() - max by (stream) (spacenet_last_checkpoint_timestamp_seconds{STREAM})",
+                "stream {{stream}}",
+            ),
+            q("max(spacenet_checkpoint_max_age_seconds)", "alert threshold"),
+            description="Seconds since each stream's newest checkpoint (or its take-on). It alerts past "
+            "the threshold while the stream has uncheckpointed messages.",
+            unit="s",
+        ),
+        graph(
+            "Uncheckpointed messages per stream",
+            per_stream("spacenet_uncheckpointed_messages"),
+            description="Messages handled since the stream's newest checkpoint: replayed after a crash.",
+        ),
+        graph(
+            "State size per stream",
+            per_stream("spacenet_checkpoint_bytes"),
+            description="Bytes of the stream's newest checkpoint in the changelog topic.",
+            unit="bytes",
+        ),
+        graph(
+            "Stream restore time",
+            q(
+                "histogram_quantile(0.95, sum by (instance, le) "
+                "(spacenet_stream_restore_duration_seconds_bucket))",
+                "{{instance}} p95",
+            ),
+            description="Time to restore a stream a process was assigned, before it consumes it: the 95th "
+            "percentile over the process's restores since it started (they are rare).",
+            unit="s",
+        ),
+    ),
+)
+
+HEALTH = Row(
     "Stream health",
     (
         graph(
@@ -143,7 +215,10 @@ STREAM = Row(
         ),
         graph(
             "Consumer lag per partition",
-            q("sum by (topic, partition) (spacenet_consumer_lag_messages)", "{{topic}}/{{partition}}"),
+            q(
+                'sum by (topic, partition) (spacenet_consumer_lag_messages{partition=~"$stream"})',
+                "{{topic}}/{{partition}}",
+            ),
             description="Messages between the consumer position and the end of each partition.",
         ),
         graph(
@@ -185,45 +260,54 @@ LEARNING = Row(
     (
         graph(
             "Accuracy over time",
-            q("avg(spacenet_accuracy_ratio)", "mean over seen tasks"),
-            q("avg(spacenet_sample_accuracy_ratio)", "seen tasks' samples pooled"),
+            per_stream("spacenet_accuracy_ratio", "avg", "stream {{stream}}: mean over seen tasks"),
+            per_stream("spacenet_sample_accuracy_ratio", "avg", "stream {{stream}}: samples pooled"),
             description="Held-out accuracy after each task.",
             **PERCENT,
         ),
         graph(
             "Task inference",
-            q("avg(spacenet_task_inference_accuracy_ratio)", "task chosen right"),
+            per_stream("spacenet_task_inference_accuracy_ratio", "avg", "stream {{stream}}: task right"),
             description="Held-out records whose task the task inference (setting task_inference) "
             "chose right: class-incremental accuracy is this times accuracy within the task.",
             **PERCENT,
         ),
         graph(
             "Accuracy per task",
-            q("max by (task) (spacenet_task_accuracy_ratio)", "task {{task}}"),
-            description="Held-out accuracy of each task after the latest task.",
+            q(
+                f"max by (stream, task) (spacenet_task_accuracy_ratio{STREAM})",
+                "stream {{stream}} task {{task}}",
+            ),
+            description="Held-out accuracy of each task after the stream's latest task.",
             **PERCENT,
         ),
         Panel(
             "Accuracy per task (heatmap)",
             "heatmap",
-            (q("max by (task) (spacenet_task_accuracy_ratio)", "{{task}}"),),
-            "Rows: tasks; colour: accuracy. Each column is the accuracy matrix's latest row R[i][.] "
-            "as it was published.",
+            (q(f"max by (task) (spacenet_task_accuracy_ratio{STREAM})", "{{task}}"),),
+            "Rows: tasks; colour: accuracy (the best over the selected streams: select one). Each "
+            "column is the accuracy matrix's latest row R[i][.] as it was published.",
             **PERCENT,
         ),
         Panel(
             "Accuracy matrix R[trained through][task]",
             "table",
-            (q("max by (trained_through, task) (spacenet_accuracy_matrix_ratio)", instant=True, table=True),),
-            "Accuracy on each task (columns) after training each task (rows).",
+            (
+                q(
+                    f"max by (trained_through, task) (spacenet_accuracy_matrix_ratio{STREAM})",
+                    instant=True,
+                    table=True,
+                ),
+            ),
+            "Accuracy on each task (columns) after training each task (rows), of one selected stream.",
             thresholds=TRAFFIC_LIGHT,
             decimals=2,
             **PERCENT,
         ),
         graph(
             "Forgetting and backward transfer",
-            q("avg(spacenet_average_forgetting_ratio)", "average forgetting"),
-            q("avg(spacenet_backward_transfer_ratio)", "backward transfer"),
+            per_stream("spacenet_average_forgetting_ratio", "avg", "stream {{stream}} forgetting"),
+            per_stream("spacenet_backward_transfer_ratio", "avg", "stream {{stream}} backward transfer"),
             description="Average forgetting: mean over earlier tasks of best earlier minus latest accuracy "
             "(alert above 0.3). Backward transfer: mean of R[last][j] - R[j][j].",
             unit="percentunit",
@@ -231,15 +315,17 @@ LEARNING = Row(
         ),
         graph(
             "Forgetting per task",
-            q("max by (task) (spacenet_task_forgetting_ratio)", "task {{task}}"),
+            q(
+                f"max by (stream, task) (spacenet_task_forgetting_ratio{STREAM})",
+                "stream {{stream}} task {{task}}",
+            ),
             unit="percentunit",
             min=0,
         ),
         graph(
             "Tasks and classes",
-            q("max(spacenet_tasks_learned)", "tasks learned"),
-            q("max(spacenet_classes_learned)", "classes learned"),
-            q("max(spacenet_known_classes)", "classes seen"),
+            per_stream("spacenet_tasks_learned", "max", "stream {{stream}} tasks learned"),
+            per_stream("spacenet_classes_learned", "max", "stream {{stream}} classes learned"),
         ),
         graph(
             "Task boundaries",
@@ -255,26 +341,35 @@ CAPACITY = Row(
     (
         graph(
             "Free neurons per layer",
-            q("max by (layer) (spacenet_layer_free_neurons)", "{{layer}}"),
+            q(f"max by (stream, layer) (spacenet_layer_free_neurons{STREAM})", "{{stream}}/{{layer}}"),
             description="Neurons no task has reserved.",
         ),
         graph(
             "Free neuron ratio per layer",
-            q("max by (layer) (spacenet_layer_free_neuron_ratio)", "{{layer}}"),
+            q(f"max by (stream, layer) (spacenet_layer_free_neuron_ratio{STREAM})", "{{stream}}/{{layer}}"),
             description="Alert below 10%.",
             thresholds=((0.0, "red"), (0.1, "orange"), (0.25, "green")),
             **PERCENT,
         ),
         graph(
             "Used connections per layer",
-            q("max by (layer) (spacenet_layer_used_connection_ratio)", "{{layer}}"),
+            q(
+                f"max by (stream, layer) (spacenet_layer_used_connection_ratio{STREAM})",
+                "{{stream}}/{{layer}}",
+            ),
             description="Connections owned by a task / all connections.",
             **PERCENT,
         ),
-        graph("Tasks remaining (estimate)", q("min(spacenet_tasks_remaining)", "tasks remaining")),
+        graph(
+            "Tasks remaining (estimate)",
+            per_stream("spacenet_tasks_remaining", "min"),
+        ),
         graph(
             "Reserved neurons per task",
-            q("sum by (task) (spacenet_task_reserved_neurons)", "task {{task}}"),
+            q(
+                f"sum by (stream, task) (spacenet_task_reserved_neurons{STREAM})",
+                "stream {{stream}} task {{task}}",
+            ),
             description="Neurons (all layers) each task reserved.",
             stacked=True,
         ),
@@ -291,19 +386,15 @@ TRAINING = Row(
     (
         graph(
             "Training duration per task",
-            q("max by (task) (spacenet_task_training_duration_seconds)", "task {{task}}"),
+            q(
+                f"max by (stream, task) (spacenet_task_training_duration_seconds{STREAM})",
+                "stream {{stream}} task {{task}}",
+            ),
             description="How long each task's last training took.",
             unit="s",
         ),
         graph("Training in progress", q("max(spacenet_training_in_progress)", "training"), min=0, max=1),
         graph("Training steps", q(per_second("spacenet_training_steps_total"), "steps/s"), unit="ops"),
-        graph(
-            "Checkpoint age",
-            q("time() - max(spacenet_last_checkpoint_timestamp_seconds > 0)", "age"),
-            description="Seconds since the last checkpoint (alert above 2 hours while records arrive).",
-            unit="s",
-            thresholds=((0.0, "green"), (7200.0, "red")),
-        ),
         graph(
             "Checkpoint duration",
             q(quantile(0.95, "spacenet_checkpoint_duration_seconds", "30m"), "p95"),
@@ -331,7 +422,7 @@ TRAINING = Row(
     ),
 )
 
-ROWS: tuple[Row, ...] = (OVERVIEW, STREAM, LEARNING, CAPACITY, TRAINING)
+ROWS: tuple[Row, ...] = (OVERVIEW, STREAMS, HEALTH, LEARNING, CAPACITY, TRAINING)
 
 # Task boundaries, marked on every panel: one event per boundary, titled by its reason.
 ANNOTATION = q("sum by (reason) (changes(spacenet_task_boundaries_total[1m])) > 0")
@@ -418,7 +509,12 @@ def _panel(spec: Panel) -> Any:
 
 def build() -> dict[str, Any]:
     """The dashboard as a JSON-ready dict."""
-    from grafana_foundation_sdk.builders.dashboard import AnnotationQuery, Dashboard, DatasourceVariable
+    from grafana_foundation_sdk.builders.dashboard import (
+        AnnotationQuery,
+        Dashboard,
+        DatasourceVariable,
+        QueryVariable,
+    )
     from grafana_foundation_sdk.builders.dashboard import Row as RowBuilder
     from grafana_foundation_sdk.cog.encoder import JSONEncoder
     from grafana_foundation_sdk.models import dashboard as dm
@@ -435,6 +531,18 @@ def build() -> dict[str, Any]:
         .timezone("browser")
         .editable()
         .with_variable(DatasourceVariable("datasource").label("Data source").type("prometheus"))
+        .with_variable(
+            QueryVariable("stream")
+            .label("Stream")
+            .description("Partitions of the training topic, each learned by its own model.")
+            .datasource(dm.DataSourceRef(type_val=DATASOURCE["type"], uid=DATASOURCE["uid"]))
+            .query("label_values(spacenet_model_version, stream)")
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(dm.VariableSort.NUMERICAL_ASC)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+        )
         .annotation(
             AnnotationQuery()
             .name("Task boundaries")

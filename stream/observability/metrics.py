@@ -5,8 +5,10 @@ loop; values computed from the model's state come from ``ModelStateCollector``
 (``metrics_collector.py``) at scrape time instead. Every name starts with
 ``spacenet_``; labels take values from bounded sets only: a reason that is not in the
 set given to the constructor is counted as ``other``, a task at or above
-``max_task_label`` gets no per-task series. Every labelled series of a known set is
-created at 0, so a missing series never reads as zero. Reference: ``docs/metrics.md``.
+``max_task_label`` gets no per-task series, and a ``stream`` is a partition of the
+training topic. Every labelled series of a known set is created at 0 (a stream's when
+the process takes the stream on, and removed when it hands it over), so a missing series
+never reads as zero. Reference: ``docs/metrics.md``.
 
     >>> from prometheus_client import CollectorRegistry
     >>> registry = CollectorRegistry()
@@ -18,9 +20,12 @@ created at 0, so a missing series never reads as zero. Reference: ``docs/metrics
     >>> [registry.get_sample_value("spacenet_messages_rejected_total", {"reason": r})
     ...  for r in ("empty", "schema", "other")]
     [0.0, 1.0, 1.0]
-    >>> with metrics.training(task=0):
+    >>> with metrics.training(task=0, stream="0"):
     ...     registry.get_sample_value("spacenet_training_in_progress")
     1.0
+    >>> metrics.stream_added("4"); metrics.model_published("4", 2)
+    >>> registry.get_sample_value("spacenet_model_version", {"stream": "4"})
+    2.0
 """
 
 from __future__ import annotations
@@ -112,6 +117,8 @@ class ServiceMetrics:
             label values, each pre-initialised at 0 together with ``other``.
         device, device_name: where the model trains (``cpu``, ``cuda:0``) and the
             accelerator's name, for ``spacenet_build_info`` and ``spacenet_device_info``.
+        checkpoint_max_age_s: exported as ``spacenet_checkpoint_max_age_seconds``, the age
+            past which a stream's checkpoint, with messages handled since, alerts.
     """
 
     def __init__(
@@ -126,6 +133,7 @@ class ServiceMetrics:
         dead_letter_reasons: Sequence[str] = DEFAULT_DEAD_LETTER_REASONS,
         device: str = "cpu",
         device_name: str = "",
+        checkpoint_max_age_s: float = 7200.0,
     ) -> None:
         if max_task_label < 0:
             raise ValueError("max_task_label must be >= 0")
@@ -134,6 +142,7 @@ class ServiceMetrics:
         self._consumed: dict[tuple[str, int], tuple[Counter, Counter]] = {}  # per (topic, partition)
         self._outcome, self._dead_letter = _Bounded(outcomes), _Bounded(dead_letter_reasons)
         self._layer = _Bounded([*layers, "unknown"])
+        self._task_series: set[tuple[str, str]] = set()  # (stream, task) of task_training_seconds
         c, g, h = _factories(registry)
 
         # ingest
@@ -163,10 +172,31 @@ class ServiceMetrics:
         self.last_record = g(
             "spacenet_last_record_timestamp_seconds", "Unix time of the last accepted message (0: none yet)."
         )
+        # streams
+        self.streams = g("spacenet_streams", "Streams (training-topic partitions) this process learns.")
+        self.restore_seconds = h(
+            "spacenet_stream_restore_duration_seconds",
+            "Time to restore a stream this process was assigned.",
+            CHECKPOINT_BUCKETS,
+        )
+        self.uncheckpointed = g(
+            "spacenet_uncheckpointed_messages",
+            "Messages handled since the stream's newest checkpoint.",
+            "stream",
+        )
+        self.checkpoint_bytes = g(
+            "spacenet_checkpoint_bytes", "Size of the stream's newest checkpoint.", "stream"
+        )
+        self.checkpoint_max_age = g(
+            "spacenet_checkpoint_max_age_seconds",
+            "A stream's checkpoint older than this, with messages handled since, is stale.",
+        )
+        self.checkpoint_max_age.set(checkpoint_max_age_s)
         # tasks
-        self.current_task = g("spacenet_current_task", "Open (or last) task id; -1 before the first.")
-        self.current_task.set(-1)
-        self.known_classes = g("spacenet_known_classes", "Classes the boundary detector has confirmed.")
+        self.current_task = g(
+            "spacenet_current_task", "Open (or last) task id; -1 before the first.", "stream"
+        )
+        self.known_classes = g("spacenet_known_classes", "Classes the stream's model has learned.", "stream")
         self.boundaries = c("spacenet_task_boundaries_total", "Task boundary events by reason.", "reason")
         self.disagreements = c("spacenet_boundary_disagreements_total", "Markers and detection disagreed.")
         # training
@@ -176,6 +206,7 @@ class ServiceMetrics:
         self.task_training_seconds = g(
             "spacenet_task_training_duration_seconds",
             "Time the task's last successful training took.",
+            "stream",
             "task",
         )
         self.training_in_progress = g("spacenet_training_in_progress", "1 while a task trains, else 0.")
@@ -192,12 +223,17 @@ class ServiceMetrics:
         )
         self.last_checkpoint = g(
             "spacenet_last_checkpoint_timestamp_seconds",
-            "Unix time of the last successful checkpoint (0: none yet).",
+            "Unix time of the stream's newest checkpoint, or of its take-on when later.",
+            "stream",
         )
         self.checkpoint_failures = c("spacenet_checkpoint_failures_total", "Checkpoints that failed.")
-        self.model_version = g("spacenet_model_version", "Version of the published model (0: none).")
+        self.model_version = g(
+            "spacenet_model_version", "Version of the stream's published model (0: none).", "stream"
+        )
         self.model_published_at = g(
-            "spacenet_model_published_timestamp_seconds", "Unix time the current model version was published."
+            "spacenet_model_published_timestamp_seconds",
+            "Unix time the stream's current model version was published.",
+            "stream",
         )
         # predictions and dead letters
         self.prediction_requests = c(
@@ -285,6 +321,43 @@ class ServiceMetrics:
         with suppress(KeyError):
             self.consumer_lag.remove(topic, str(partition))
 
+    # --------------------------------------------------------------- streams
+    def stream_added(self, stream: str) -> None:
+        """This process takes ``stream`` on: its series start."""
+        self.streams.inc()
+        self.current_task.labels(stream).set(-1)
+        self.known_classes.labels(stream).set(0)
+        self.model_version.labels(stream).set(0)
+        self.model_published_at.labels(stream).set(0)
+        self.last_checkpoint.labels(stream).set(time.time())
+        self.checkpoint_bytes.labels(stream).set(0)
+        self.uncheckpointed.labels(stream).set(0)
+
+    def stream_restored(self, seconds: float) -> None:
+        """A stream taken on was restored (or found new) in ``seconds``."""
+        self.restore_seconds.observe(seconds)
+
+    def stream_removed(self, stream: str) -> None:
+        """This process handed ``stream`` over: its series go (the new owner exports them)."""
+        self.streams.dec()
+        for gauge in (
+            self.current_task,
+            self.known_classes,
+            self.model_version,
+            self.model_published_at,
+            self.last_checkpoint,
+            self.checkpoint_bytes,
+            self.uncheckpointed,
+        ):
+            with suppress(KeyError):
+                gauge.remove(stream)
+        for key in [k for k in self._task_series if k[0] == stream]:
+            self.task_training_seconds.remove(*key)
+            self._task_series.discard(key)
+
+    def uncheckpointed_messages(self, stream: str, messages: int) -> None:
+        self.uncheckpointed.labels(stream).set(messages)
+
     # ----------------------------------------------------------------- tasks
     def boundary(self, reason: str) -> None:
         """One task boundary event (marker, new_class, next_task, timeout, record_limit)."""
@@ -293,28 +366,31 @@ class ServiceMetrics:
     def disagreement(self) -> None:
         self.disagreements.inc()
 
-    def set_current_task(self, task: int) -> None:
-        self.current_task.set(task)
+    def set_current_task(self, stream: str, task: int) -> None:
+        self.current_task.labels(stream).set(task)
 
-    def set_known_classes(self, classes: int) -> None:
-        self.known_classes.set(classes)
+    def set_known_classes(self, stream: str, classes: int) -> None:
+        self.known_classes.labels(stream).set(classes)
 
     # -------------------------------------------------------------- training
     def training_started(self) -> None:
         """A task's training began (for trainers on another thread; see ``training()``)."""
         self.training_in_progress.set(1)
 
-    def training_finished(self, seconds: float, failed: bool = False, task: int | None = None) -> None:
-        """A task's training ended after ``seconds``; ``failed`` counts a failure."""
+    def training_finished(
+        self, seconds: float, failed: bool = False, task: int | None = None, stream: str = ""
+    ) -> None:
+        """A task (of ``stream``) ended training after ``seconds``; ``failed`` counts a failure."""
         self.training_in_progress.set(0)
         self.training_seconds.observe(seconds)
         if failed:
             self.training_failures.inc()
-        elif task is not None and 0 <= task < self.max_task_label:
-            self.task_training_seconds.labels(str(task)).set(seconds)
+        elif task is not None and 0 <= task < self.max_task_label and stream:
+            self.task_training_seconds.labels(stream, str(task)).set(seconds)
+            self._task_series.add((stream, str(task)))
 
     @contextmanager
-    def training(self, task: int | None = None) -> Iterator[None]:
+    def training(self, task: int | None = None, stream: str = "") -> Iterator[None]:
         """Time a training run in this thread; an exception counts as a failure and propagates."""
         self.training_started()
         start = time.perf_counter()
@@ -323,7 +399,7 @@ class ServiceMetrics:
             yield
             failed = False
         finally:
-            self.training_finished(time.perf_counter() - start, failed=failed, task=task)
+            self.training_finished(time.perf_counter() - start, failed=failed, task=task, stream=stream)
 
     def steps(self, n: int = 1) -> None:
         """``n`` optimizer steps were taken."""
@@ -334,27 +410,32 @@ class ServiceMetrics:
         self.capacity_exhausted_events.labels(self._layer(layer or "unknown")).inc()
 
     # ---------------------------------------------------- checkpoints, models
-    def checkpoint_finished(self, seconds: float, failed: bool = False) -> None:
+    def checkpoint_finished(self, stream: str, seconds: float, failed: bool = False) -> None:
         self.checkpoint_seconds.observe(seconds)
         if failed:
             self.checkpoint_failures.inc()
         else:
-            self.last_checkpoint.set(time.time())
+            self.last_checkpoint.labels(stream).set(time.time())
+            self.uncheckpointed.labels(stream).set(0)
+
+    def checkpoint_size(self, stream: str, size: int) -> None:
+        """The stream's newest checkpoint is ``size`` bytes."""
+        self.checkpoint_bytes.labels(stream).set(size)
 
     @contextmanager
-    def checkpoint(self) -> Iterator[None]:
-        """Time a checkpoint; an exception counts as a failure and propagates."""
+    def checkpoint(self, stream: str) -> Iterator[None]:
+        """Time a checkpoint of ``stream``; an exception counts as a failure and propagates."""
         start = time.perf_counter()
         failed = True
         try:
             yield
             failed = False
         finally:
-            self.checkpoint_finished(time.perf_counter() - start, failed=failed)
+            self.checkpoint_finished(stream, time.perf_counter() - start, failed=failed)
 
-    def model_published(self, version: int) -> None:
-        self.model_version.set(version)
-        self.model_published_at.set(time.time())
+    def model_published(self, stream: str, version: int) -> None:
+        self.model_version.labels(stream).set(version)
+        self.model_published_at.labels(stream).set(time.time())
 
     # ------------------------------------------------ predictions, dead letters
     def prediction(self, latency_s: float, records: int = 1) -> None:

@@ -1,8 +1,9 @@
 """Scrape-time Prometheus series computed from a snapshot of the model's state.
 
-The service builds a ``ModelState`` after each task (on the thread that trains, between
-tasks) and hands the collector a callable returning the latest one; every scrape turns
-it into series. Nothing here touches the live model, so a scrape never races training.
+The service builds a ``ModelState`` of a stream after each of its tasks (on the thread
+that trains, between tasks) and hands the collector a callable returning the latest one
+of each stream it learns; every scrape turns them into series labelled with their
+``stream``. Nothing here touches the live model, so a scrape never races training.
 
 Accuracy definitions (``R[i][j]``: accuracy on task ``j``'s held-out sample after
 training task ``i``; ``T - 1``: the last trained task):
@@ -20,8 +21,8 @@ training task ``i``; ``T - 1``: the last trained task):
     >>> net.begin_task([0, 1]); net.end_task()
     >>> state = ModelState.of(net, model_version=1)
     >>> registry = CollectorRegistry()
-    >>> _ = registry.register(ModelStateCollector(lambda: state))
-    >>> registry.get_sample_value("spacenet_layer_free_neurons", {"layer": "hidden.0"})
+    >>> _ = registry.register(ModelStateCollector(lambda: {"0": state}))
+    >>> registry.get_sample_value("spacenet_layer_free_neurons", {"stream": "0", "layer": "hidden.0"})
     360.0
 """
 
@@ -149,21 +150,32 @@ class ModelState:
 
 
 def _gauge(name: str, documentation: str, *labels: str) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, labels=list(labels))
+    return GaugeMetricFamily(name, documentation, labels=["stream", *labels])
+
+
+class _Stream:
+    """The families, with ``stream``'s label value put first on every sample."""
+
+    def __init__(self, families: dict[str, GaugeMetricFamily], stream: str) -> None:
+        self.families, self.stream = families, stream
+
+    def add(self, name: str, labels: list[str], value: float) -> None:
+        self.families[name].add_metric([self.stream, *labels], value)
 
 
 class ModelStateCollector(Collector):
     """Capacity and accuracy series from ``source()``, computed at scrape time.
 
-    ``source`` returns the latest ``ModelState``, or None before there is a model: then
-    every family is exposed with no samples and ``spacenet_model_state_available`` is 0.
+    ``source`` returns the latest ``ModelState`` of each stream (by its ``stream`` label
+    value); with none (before there is a model) every family is exposed with no samples
+    and ``spacenet_model_state_available`` is 0.
     If ``source`` raises, the scrape still succeeds (the families are empty) and
     ``spacenet_model_state_errors_total`` counts it. Per-task series cover tasks
     ``0 .. max_task_label - 1`` only; ``spacenet_task_labels_truncated`` is 1 when later
     tasks were left out (the headline accuracy and forgetting still include them).
     """
 
-    def __init__(self, source: Callable[[], ModelState | None], max_task_label: int = 32) -> None:
+    def __init__(self, source: Callable[[], Mapping[str, ModelState]], max_task_label: int = 32) -> None:
         if max_task_label < 0:
             raise ValueError("max_task_label must be >= 0")
         self.source = source
@@ -175,16 +187,16 @@ class ModelStateCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         families = self._families()
-        state: ModelState | None
+        states: Mapping[str, ModelState]
         try:
-            state = self.source()
+            states = dict(self.source())
         except Exception:  # a scrape must not fail: the hot-path series still matter
             self._errors += 1
             log.exception("model state source failed")
-            state = None
-        families["spacenet_model_state_available"].add_metric([], 0.0 if state is None else 1.0)
-        if state is not None:
-            self._fill(families, state)
+            states = {}
+        families["spacenet_model_state_available"].add_metric([], 1.0 if states else 0.0)
+        for stream, state in sorted(states.items()):
+            self._fill(_Stream(families, stream), state)
         yield from families.values()
         yield self._error_family(self._errors)
 
@@ -197,7 +209,6 @@ class ModelStateCollector(Collector):
     @staticmethod
     def _families() -> dict[str, GaugeMetricFamily]:
         specs = [
-            ("spacenet_model_state_available", "1 when a model state is available, else 0."),
             ("spacenet_evaluated_model_version", "Model version the capacity and accuracy series describe."),
             ("spacenet_layer_neurons", "Neurons (output units) in the layer.", "layer"),
             ("spacenet_layer_free_neurons", "Neurons no task has reserved.", "layer"),
@@ -236,38 +247,41 @@ class ModelStateCollector(Collector):
             ),
             ("spacenet_task_inference_bytes", "Bytes of the stored task-inference statistics."),
         ]
-        return {name: _gauge(name, doc, *labels) for name, doc, *labels in specs}
+        available = GaugeMetricFamily(
+            "spacenet_model_state_available", "1 when a model state is available, else 0."
+        )
+        return {available.name: available} | {
+            name: _gauge(name, doc, *labels) for name, doc, *labels in specs
+        }
 
-    def _fill(self, f: dict[str, GaugeMetricFamily], state: ModelState) -> None:
+    def _fill(self, f: _Stream, state: ModelState) -> None:
         cap, cut = state.capacity, self.max_task_label
         truncated = False
-        f["spacenet_evaluated_model_version"].add_metric([], float(state.model_version))
+        f.add("spacenet_evaluated_model_version", [], float(state.model_version))
         for layer in cap.layers:
-            f["spacenet_layer_neurons"].add_metric([layer.name], float(layer.neurons))
-            f["spacenet_layer_free_neurons"].add_metric([layer.name], float(layer.free_neurons))
-            f["spacenet_layer_reserved_neurons"].add_metric([layer.name], float(layer.reserved_neurons))
-            f["spacenet_layer_used_neurons"].add_metric([layer.name], float(layer.used_neurons))
-            f["spacenet_layer_free_neuron_ratio"].add_metric([layer.name], float(layer.free_neuron_ratio))
-            f["spacenet_layer_used_connection_ratio"].add_metric(
-                [layer.name], float(layer.used_connection_ratio)
-            )
+            f.add("spacenet_layer_neurons", [layer.name], float(layer.neurons))
+            f.add("spacenet_layer_free_neurons", [layer.name], float(layer.free_neurons))
+            f.add("spacenet_layer_reserved_neurons", [layer.name], float(layer.reserved_neurons))
+            f.add("spacenet_layer_used_neurons", [layer.name], float(layer.used_neurons))
+            f.add("spacenet_layer_free_neuron_ratio", [layer.name], float(layer.free_neuron_ratio))
+            f.add("spacenet_layer_used_connection_ratio", [layer.name], float(layer.used_connection_ratio))
         for name, per_task in state.reserved.items():
             for task, neurons in sorted(per_task.items()):
                 if task < cut:
-                    f["spacenet_task_reserved_neurons"].add_metric([name, str(task)], float(neurons))
+                    f.add("spacenet_task_reserved_neurons", [name, str(task)], float(neurons))
                 truncated |= task >= cut
-        f["spacenet_tasks_remaining"].add_metric([], float(cap.tasks_remaining))
-        f["spacenet_tasks_learned"].add_metric([], float(cap.tasks_learned))
-        f["spacenet_classes_learned"].add_metric([], float(cap.classes_known))
+        f.add("spacenet_tasks_remaining", [], float(cap.tasks_remaining))
+        f.add("spacenet_tasks_learned", [], float(cap.tasks_learned))
+        f.add("spacenet_classes_learned", [], float(cap.classes_known))
         if state.task_inference_accuracy is not None:
-            f["spacenet_task_inference_accuracy_ratio"].add_metric([], float(state.task_inference_accuracy))
-        f["spacenet_task_inference_bytes"].add_metric([], float(cap.task_inference_bytes))
+            f.add("spacenet_task_inference_accuracy_ratio", [], float(state.task_inference_accuracy))
+        f.add("spacenet_task_inference_bytes", [], float(cap.task_inference_bytes))
         acc = state.accuracy
         if acc is not None and acc.rows:
             truncated |= self._fill_accuracy(f, acc)
-        f["spacenet_task_labels_truncated"].add_metric([], 1.0 if truncated else 0.0)
+        f.add("spacenet_task_labels_truncated", [], 1.0 if truncated else 0.0)
 
-    def _fill_accuracy(self, f: dict[str, GaugeMetricFamily], acc: AccuracySnapshot) -> bool:
+    def _fill_accuracy(self, f: _Stream, acc: AccuracySnapshot) -> bool:
         """Add the accuracy series; True when some task was beyond the label cap."""
         cut, last = self.max_task_label, len(acc.rows) - 1
         truncated = False
@@ -278,20 +292,20 @@ class ModelStateCollector(Collector):
             ("spacenet_backward_transfer_ratio", acc.backward_transfer),
         ):
             if value is not None:
-                f[name].add_metric([], float(value))
+                f.add(name, [], float(value))
         for task, value in enumerate(acc.latest_row):
             if value is not None and task <= last:
                 truncated |= task >= cut
                 if task < cut:
-                    f["spacenet_task_accuracy_ratio"].add_metric([str(task)], float(value))
+                    f.add("spacenet_task_accuracy_ratio", [str(task)], float(value))
         for task, value in sorted(acc.forgetting.items()):
             if task < cut:
-                f["spacenet_task_forgetting_ratio"].add_metric([str(task)], float(value))
+                f.add("spacenet_task_forgetting_ratio", [str(task)], float(value))
         for row, values in enumerate(acc.rows):
             for task, value in enumerate(values):
                 if value is None:
                     continue
                 truncated |= row >= cut or task >= cut
                 if row < cut and task < cut:
-                    f["spacenet_accuracy_matrix_ratio"].add_metric([str(row), str(task)], float(value))
+                    f.add("spacenet_accuracy_matrix_ratio", [str(row), str(task)], float(value))
         return truncated

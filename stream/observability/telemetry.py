@@ -1,9 +1,9 @@
 """One service process's observability: its metrics, model-state snapshots, consumer lag, HTTP.
 
 ``Telemetry`` creates ``ServiceMetrics`` on the registry the process made, registers a
-``ModelStateCollector`` that reads the latest snapshot at scrape time, and serves
-``/metrics``, ``/healthz`` and ``/readyz``. The training thread publishes a new snapshot
-after each task; nothing model-derived is computed on the hot path.
+``ModelStateCollector`` that reads the latest snapshot of each stream at scrape time, and
+serves ``/metrics``, ``/healthz`` and ``/readyz``. The training thread publishes a stream's
+new snapshot after each of its tasks; nothing model-derived is computed on the hot path.
 
     >>> tm = Telemetry(CollectorRegistry(), device="cpu")
     >>> tm.metrics.boundary("new_class")
@@ -35,6 +35,7 @@ class Telemetry:
         device_name: str = "",
         layers: Sequence[str] = (),
         lag_every_s: float = 5.0,
+        checkpoint_max_age_s: float = 7200.0,
     ) -> None:
         self.registry = registry
         self.metrics = ServiceMetrics(
@@ -43,27 +44,35 @@ class Telemetry:
             dead_letter_reasons=DEAD_LETTER_REASONS,
             device=device,
             device_name=device_name,
+            checkpoint_max_age_s=checkpoint_max_age_s,
         )
-        self.state_: ModelState | None = None
-        registry.register(ModelStateCollector(lambda: self.state_))
+        self.states_: dict[str, ModelState] = {}  # by stream; replaced whole, never mutated
+        registry.register(ModelStateCollector(lambda: self.states_))
         self.lag_every_s = lag_every_s
         self._next_lag = 0.0
 
     def snapshot(
         self,
+        stream: str,
         net: SpaceNet,
         accuracy: AccuracySource | None,
         version: int,
         task_inference_accuracy: float | None = None,
     ) -> None:
-        """Publish what the model knows now (call between tasks, on the training side)."""
-        self.state_ = ModelState.of(
+        """Publish what ``stream``'s model knows now (between its tasks, on the training side)."""
+        state = ModelState.of(
             net,
             accuracy if accuracy is not None and _has_rows(accuracy) else None,
             version,
             task_inference_accuracy,
         )
-        self.metrics.set_known_classes(len(net.label_to_unit_))
+        self.states_ = {**self.states_, stream: state}
+        self.metrics.set_known_classes(stream, len(net.label_to_unit_))
+
+    def drop(self, stream: str) -> None:
+        """``stream`` was handed over: none of its series stay in this process."""
+        self.states_ = {s: state for s, state in self.states_.items() if s != stream}
+        self.metrics.stream_removed(stream)
 
     def lag(self, consumer: Any, positions: Mapping[int, int]) -> None:
         """Consumer lag per assigned partition, at most every ``lag_every_s`` seconds."""

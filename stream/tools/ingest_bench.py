@@ -119,7 +119,7 @@ class IngestSink:
         self.registry = CollectorRegistry()
         metrics = ServiceMetrics(self.registry)
         dead_letters = DeadLetters(self._reject, cfg.dead_letter_topic, metrics)
-        self.ingest = Ingest.from_config(cfg, metrics, dead_letters, Path(spill_dir))
+        self.ingest = Ingest.from_config(cfg, metrics, dead_letters, Path(spill_dir), stream="0")
         self.backlog: collections.deque[Any] = collections.deque()
         self.messages = self.bytes = self.rejected = 0
         self.closed: list[tuple[int, tuple[int, ...]]] = []
@@ -341,7 +341,9 @@ def _report(
         "records_per_message": args.records_per_message,
         "repeats": args.repeats,
         "produce_seconds": produced.seconds,
-        "consumer_config": config,  # both loops
+        "consumer_config": {  # both loops; an assignor by its protocol name
+            k: [a.name for a in v] if k == "partition_assignment_strategy" else v for k, v in config.items()
+        },
         "plain": plain,
         "ours": ours,
         "ratio": ratio,

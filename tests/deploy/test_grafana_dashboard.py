@@ -47,6 +47,7 @@ def test_layout_rows_and_annotation() -> None:
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
     assert rows == [
         "Overview",
+        "Streams",
         "Stream health",
         "Learning quality",
         "SpaceNet capacity",
@@ -63,8 +64,8 @@ def test_layout_rows_and_annotation() -> None:
     assert "filter" not in annotation  # shown on every panel
     overview = {p["title"] for p in panels if p["gridPos"]["y"] == 1}
     assert {
+        "Streams",
         "Model version",
-        "Current task",
         "Accuracy (seen classes)",
         "Tasks remaining",
         "Consumer lag",

@@ -84,4 +84,4 @@ def test_conventions() -> None:
                 assert {"summary", "description"} <= set(rule["annotations"])
             else:
                 level, _, ops = rule["record"].partition(":")
-                assert level == "instance" and ":" in ops, rule["record"]
+                assert level in {"instance", "instance_stream"} and ":" in ops, rule["record"]

@@ -63,7 +63,7 @@ def test_demo_on_a_small_slice(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert 0.0 <= test["final_accuracy"] <= 1.0
     assert test["final_accuracy"] > 0.3  # well above chance (0.1) on 500 records a class
     metrics = (out / "metrics.prom").read_text()
-    assert "spacenet_model_version 5.0" in metrics
+    assert 'spacenet_model_version{stream="0"} 5.0' in metrics
     assert 'spacenet_task_boundaries_total{reason="new_class"} 5.0' in metrics
     assert "detected tasks [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]: as streamed" in done.stdout
 

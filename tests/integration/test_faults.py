@@ -38,7 +38,9 @@ import torch
 import yaml
 
 from spacenet.stream import wire
+from spacenet.stream.changelog import Manifest, live_view
 from spacenet.stream.checkpoint import CheckpointStore
+from spacenet.stream.config import ServiceConfig
 from spacenet.stream.dead_letters import REASON_HEADER, SOURCE_HEADER
 from spacenet.stream.faults import ENV as CRASH_ENV
 from spacenet.stream.predict import MODEL_VERSION_HEADER
@@ -46,6 +48,7 @@ from spacenet.stream.tools import local_kafka
 from tests.support import REPO_ROOT, poison
 from tests.support.service import (
     FAST_SETTINGS,
+    TAKEN_ON,
     Message,
     Samples,
     ServiceProcess,
@@ -59,6 +62,7 @@ from tests.support.service import (
     make_producer,
     model_events,
     models_topic,
+    read_topic,
     reject_reasons,
     send_all,
     service_settings,
@@ -146,10 +150,9 @@ def diagonal(event: Mapping[str, Any]) -> list[float]:
 
 
 def training_assigned(run: ServiceProcess, topic: str, timeout_s: float = 90) -> bool:
-    """Whether the training consumer of ``run`` got its partition (or ``run`` exited first)."""
-    line = f"Setting newly assigned partitions {{TopicPartition(topic='{topic}', partition="
+    """Whether ``run`` took its stream on (or exited first)."""
     try:
-        eventually(lambda: line in run.log_tail(10_000), timeout_s, "assignment", lambda: run.alive)
+        eventually(lambda: TAKEN_ON in run.log_text(), timeout_s, "assignment", lambda: run.alive)
     except AssertionError:  # it exited (crashed) before the line was seen
         return True
     except TimeoutError:
@@ -181,7 +184,7 @@ def crash_run(settings: Mapping[str, str], log: Path, crash_at: str, timeout_s: 
 
 
 def latest_checkpoint(state: Path) -> tuple[int, dict[str, Any], CheckpointStore]:
-    store = CheckpointStore(state / "checkpoints")
+    store = CheckpointStore(state / "checkpoints" / "partition-0")
     found = store.latest()
     assert found is not None, "no complete checkpoint"
     return found[0], found[1], store
@@ -287,39 +290,41 @@ def test_crash_while_buffering_then_while_training_learns_every_task_once(
 def test_crash_during_and_after_a_checkpoint_write_learns_every_task_once(
     kafka_bootstrap: str, producer: Any, tmp_path: Path, reference: list[Any], recoveries: Recoveries
 ) -> None:
-    """Run 1 dies half-way through writing checkpoint 2 (task 1 learned); the torn file is
-    then put in place of checkpoint 2, as a file system that lost the data but kept the
-    rename would leave it. Run 2 must ignore it (checksum), resume from checkpoint 1,
-    learn task 1 again and dies right after writing checkpoint 2, before committing. Run 3
-    resumes from checkpoint 2, publishes model 2 (which run 2 never announced) and
-    learns task 2."""
+    """Run 1 dies half-way through writing checkpoint 2 to the changelog (task 1 learned; its
+    chunks are on the topic, its manifest is not). Run 2 must resume from checkpoint 1,
+    learn task 1 again and die right after writing checkpoint 2, before committing; that
+    write leaves one current checkpoint (the torn one's chunks deleted). Run 3 resumes from
+    checkpoint 2, publishes model 2 (which run 2 never announced) and learns task 2."""
     topic = unique_name("crash-ckpt")
     create_topics(kafka_bootstrap, topic)
     state = tmp_path / "state"
     settings = service_settings(topic, kafka_bootstrap, state, session_timeout_ms=10_000)
+    changelog = ServiceConfig(topic=topic).changelog_topic
     send_all(producer, topic, clean_stream())
     with TopicFollower(kafka_bootstrap, models_topic(topic)) as models:
-        crash_run(settings, tmp_path / "run1.log", "checkpoint_mid_write:2")
+        crash_run(settings, tmp_path / "run1.log", "changelog_mid_write:2")
         version, ck1, store = latest_checkpoint(state)
         position1 = int(ck1["positions"]["0"])
-        assert version == 1
-        torn = store.path_for(2).with_name(store.path_for(2).name + ".tmp")
-        assert torn.is_file() and torn.stat().st_size > 0
-        torn.rename(store.path_for(2))
-        version, _, store = latest_checkpoint(state)
-        assert version == 1 and store.skipped_ == [store.path_for(2)]
+        assert version == 1 and store.versions() == [1]  # the cache is written after the changelog
+        live = live_view(read_topic(kafka_bootstrap, changelog))
+        torn = sorted(k for k in live if k.startswith(b"0/2/"))
+        assert torn and Manifest.decode(live[b"0"]).seq == 1
 
         crash_run(settings, tmp_path / "run2.log", "after_checkpoint:1")
-        assert "ignored incomplete checkpoint" in (tmp_path / "run2.log").read_text()
+        assert f"taken on at offset {position1} (model version 1" in (tmp_path / "run2.log").read_text()
         version, ck2, _ = latest_checkpoint(state)
         position2 = int(ck2["positions"]["0"])
         assert version == 2 and position2 > position1
         assert committed_offset(kafka_bootstrap, settings["group"], topic) == position1
+        live = live_view(read_topic(kafka_bootstrap, changelog))
+        manifest = Manifest.decode(live[b"0"])
+        assert (manifest.seq, manifest.model_version) == (2, 2)
+        assert sorted(live) == sorted([b"0", *manifest.chunk_keys()])
         models.wait_until(lambda m: len(m) >= 1, 30, what="model 1")
         assert learned_tasks(model_events(models.messages)) == TASKS[:1]
 
         done = finish_run(settings, tmp_path / "run3.log", models, published_before=1)
-    assert "checkpoint 2 were not committed: announcing" in (tmp_path / "run3.log").read_text()
+    assert f"taken on at offset {position2} (model version 2" in (tmp_path / "run3.log").read_text()
     recoveries.record("crash after checkpoint: restart to model announced", done.first_model_s)
     assert_matches_reference(done.events, reference)
     assert_replayed_exactly(done, topic, ck2, position2, tasks=[2])
@@ -449,7 +454,7 @@ def test_a_stalled_stream_closes_its_task_and_a_slow_one_resumes_it(
             time.sleep(4 * idle_s)
             models.poll()
             assert len(models.messages) == 1 and boundaries("timeout") == 1, "the silence opened a task"
-            assert svc.sample("spacenet_current_task") == 0
+            assert svc.sample("spacenet_current_task", stream="0") == 0
 
             slow = chunk(synthetic_images(task1, 14), task1, per_message=50, start=len(task0))
             for message in slow:
@@ -561,8 +566,9 @@ def test_exhausted_capacity_refuses_further_tasks_without_crashing(
         with TopicFollower(kafka_bootstrap, models_topic(topic)) as models:
             send_all(producer, topic, chunk(synthetic_images(labels, 15), labels))
 
-            loop, unit = svc.runtime.loop, svc.runtime.unit
-            assert loop is not None and unit is not None
+            loop = svc.runtime.loop
+            assert loop is not None and 0 in loop.streams
+            unit = loop.streams[0].unit
             layers = [*unit.learner.spacenet.layer_names_, "unknown", "other"]
 
             def refused() -> float:
@@ -579,8 +585,8 @@ def test_exhausted_capacity_refuses_further_tasks_without_crashing(
                 dlq.poll(timeout_ms=1000)
         assert learned_tasks(events) == tasks[:2]
         assert svc.sample("spacenet_training_failures_total") == 2
-        assert svc.sample("spacenet_tasks_remaining") == 0
-        assert svc.sample("spacenet_model_version") == 2
+        assert svc.sample("spacenet_tasks_remaining", stream="0") == 0
+        assert svc.sample("spacenet_model_version", stream="0") == 2
         assert unit.predictor_ is not None and unit.predictor_.version == 2
         letters = reject_reasons(dlq.messages)
         assert set(letters) == {"capacity_exhausted"}
@@ -632,7 +638,7 @@ def test_an_unwritable_checkpoint_dir_keeps_serving_and_commits_nothing_until_re
                 30,
                 "commit 1",
             )
-            checkpoints = state / "checkpoints"
+            checkpoints = state / "checkpoints"  # the changelog's local cache: written with it
             checkpoints.rename(state / "checkpoints.saved")
             checkpoints.write_bytes(b"not a directory")
 
@@ -666,6 +672,6 @@ def test_an_unwritable_checkpoint_dir_keeps_serving_and_commits_nothing_until_re
         )
         assert loop.ready == (True, "ok")
         assert learned_tasks(events) == TASKS[:2]
-        assert CheckpointStore(checkpoints).versions()[-1] == 2
+        assert CheckpointStore(checkpoints / "partition-0").versions()[-1] == 2
     finally:
         svc.stop()

@@ -187,7 +187,7 @@ def test_clean_stream_learns_exactly_the_streamed_tasks(clean_run: Run) -> None:
     assert clean_run.routed("train") + clean_run.routed("pending") == records
     assert clean_run.routed("late") == clean_run.routed("noise") == 0
     assert clean_run.sample("spacenet_training_steps_total") == expected_steps(events, [2 * PER_CLASS] * 3)
-    assert clean_run.sample("spacenet_model_version") == 3
+    assert clean_run.sample("spacenet_model_version", stream="0") == 3
 
 
 def test_prediction_replies_carry_the_published_model_version(
@@ -235,7 +235,7 @@ def test_tiny_buffer_spills_to_disk_and_trains_on_every_record(
     # be the clean run's, down to the accuracy matrix and the number of steps.
     x, y = clean_stream()
     run = run_stream(chunk(x, y), 3, prefix="spill", max_buffer_bytes=20000)
-    spill_root = tmp_path / run.topic / "spill"
+    spill_root = tmp_path / run.topic / "spill" / "partition-0"
     assert spill_root.is_dir(), "the buffer never spilled"
     assert learned_tasks(run.events) == CLEAN_TASKS
     assert run.sample("spacenet_training_steps_total") == expected_steps(run.events, [2 * PER_CLASS] * 3)
@@ -404,7 +404,7 @@ def test_restart_after_sigterm_replays_exactly_the_uncommitted_records(
             metrics1 = run1.metrics()
             assert run1.stop(signal.SIGTERM) == 0, run1.log_tail()
 
-        version, ck = CheckpointStore(tmp_path / "state" / "checkpoints").latest() or (0, {})
+        version, ck = CheckpointStore(tmp_path / "state" / "checkpoints" / "partition-0").latest() or (0, {})
         position = int(ck["positions"]["0"])
         # The checkpoint covers message 7 and carries its last 20 records (task 1's: pending,
         # or open if a class got confirmed); messages 8 and 9 were consumed, not committed.
@@ -461,7 +461,7 @@ def test_restart_after_sigkill_keeps_the_restored_task_open_for_its_replay(
                 "spacenet_records_consumed_total", lambda v: v == 400, topic=topic, partition="0"
             )
             run1.stop(signal.SIGKILL)
-        _, ck = CheckpointStore(tmp_path / "state" / "checkpoints").latest() or (0, {})
+        _, ck = CheckpointStore(tmp_path / "state" / "checkpoints" / "partition-0").latest() or (0, {})
         position = int(ck["positions"]["0"])
         assert ck["open_task"] == 1 and len(ck["open_records"]["labels"]) > 0
         assert committed_offset(kafka_bootstrap, settings["group"], topic) == position

@@ -1,18 +1,19 @@
 """The poll loop's ordering, with a recording consumer and producer in place of Kafka's.
 
-A real ``StreamUnit`` (real learner, buffer, detector, checkpoint store on disk) is driven
-by ``Loop``; only the Kafka clients are stand-ins that record every call, so the order of
-what the loop does can be checked: pause -> train -> resume, checkpoint -> announce ->
-commit (never a commit before the checkpoint that covers it is on disk), and a restore
-that seeks to the checkpoint, announces again what was never committed, and goes on
-exactly as an uninterrupted run. The service against the real broker is in
-``tests/integration``.
+A real ``StreamUnit`` (real learner, buffer, detector, checkpoints on disk: the
+``changelog=false`` store) is driven by ``Loop``; only the Kafka clients are stand-ins that
+record every call, so the order of what the loop does can be checked: pause -> train ->
+resume, checkpoint -> announce -> commit (never a commit before the checkpoint that covers
+it is on disk), and a take-on that restores, seeks to the checkpoint, announces again what
+was never committed, and goes on exactly as an uninterrupted run. The service against the
+real broker (the changelog, hand-overs between processes) is in ``tests/integration``.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,8 +30,9 @@ from spacenet.stream import wire
 from spacenet.stream.checkpoint import CheckpointStore
 from spacenet.stream.config import ServiceConfig
 from spacenet.stream.dead_letters import DeadLetters
-from spacenet.stream.loop import Loop, checkpoint_dir
+from spacenet.stream.loop import Loop
 from spacenet.stream.observability.telemetry import Telemetry
+from spacenet.stream.state_store import LocalStates
 from spacenet.stream.unit import StreamUnit
 
 TOPIC = "t"
@@ -145,17 +147,22 @@ class Run:
         self.consumer = consumer
         self.producer = RecordingProducer(self.log)
         tm = Telemetry(CollectorRegistry())
-        self.unit = StreamUnit(cfg, tm, DeadLetters(self.producer.send, cfg.dead_letter_topic, tm.metrics))
-        self.loop = Loop(cfg, consumer, self.producer, tm, [self.unit])
-        train = self.unit.train
+        dead_letters = DeadLetters(self.producer.send, cfg.dead_letter_topic, tm.metrics)
 
-        def recorded_train(closed: Any) -> Any:
-            self.log.append(("train", closed[0]))
-            result = train(closed)
-            self.log.append(("trained", closed[0]))
-            return result
+        def make_unit(partition: int) -> StreamUnit:
+            self.unit = unit = StreamUnit(cfg, tm, dead_letters, partition)
+            train = unit.train
 
-        self.unit.train = recorded_train  # type: ignore[method-assign]
+            def recorded_train(closed: Any) -> Any:
+                self.log.append(("train", closed[0]))
+                result = train(closed)
+                self.log.append(("trained", closed[0]))
+                return result
+
+            unit.train = recorded_train  # type: ignore[method-assign]
+            return unit
+
+        self.loop = Loop(cfg, consumer, self.producer, tm, make_unit, LocalStates(state_dir / "checkpoints"))
 
     def until(self, done: Callable[[], bool], max_steps: int = 20_000) -> None:
         for _ in range(max_steps):
@@ -169,15 +176,22 @@ class Run:
 
     def stop(self) -> None:
         self.loop.stop()
-        self.loop.run(restored=True)  # returns at once: shuts down
+        self.loop.run()  # returns at once: shuts down
 
 
 def start(state_dir: Path, consumer: RecordingConsumer) -> Run:
+    """A run that was just assigned the partition and took its stream on (restored it)."""
     torch.manual_seed(0)
     run = Run(state_dir, consumer)
-    run.loop.restore()
     run.loop.on_assigned([TP])
+    run.until(lambda: 0 in run.loop.streams)
+    assert calls(run.log, "pause", "resume") == [(0, ("pause",)), (len(run.log) - 1, ("resume",))]
+    run.log.append(("taken on",))
     return run
+
+
+def checkpoints(state_dir: Path) -> Path:
+    return state_dir / "checkpoints" / "partition-0"
 
 
 def calls(log: list[tuple[Any, ...]], *kinds: str) -> list[tuple[int, tuple[Any, ...]]]:
@@ -185,9 +199,9 @@ def calls(log: list[tuple[Any, ...]], *kinds: str) -> list[tuple[int, tuple[Any,
 
 
 def test_training_pauses_the_partition_and_keeps_polling(tmp_path: Path) -> None:
-    run = start(tmp_path, RecordingConsumer(stream(), [], tmp_path / "checkpoints"))
-    run.until(lambda: len(run.models()) == 2 and run.loop._work is None)
-    log = run.log
+    run = start(tmp_path, RecordingConsumer(stream(), [], checkpoints(tmp_path)))
+    run.until(lambda: len(run.models()) == 2 and run.loop.streams[0].quiet)
+    log = run.log[run.log.index(("taken on",)) :]
     trains = calls(log, "train", "trained")
     assert [e for _, e in trains] == [("train", 0), ("trained", 0), ("train", 1), ("trained", 1)]
     pauses, resumes = calls(log, "pause"), calls(log, "resume")
@@ -202,12 +216,13 @@ def test_training_pauses_the_partition_and_keeps_polling(tmp_path: Path) -> None
 
 
 def test_offsets_are_committed_only_after_the_checkpoint_and_the_announcement(tmp_path: Path) -> None:
-    run = start(tmp_path, RecordingConsumer(stream(), [], tmp_path / "checkpoints"))
+    run = start(tmp_path, RecordingConsumer(stream(), [], checkpoints(tmp_path)))
     run.until(lambda: len(calls(run.log, "commit")) == 2)
     log = run.log
     commits = calls(log, "commit")
     announced = [(i, e) for i, e in calls(log, "send") if e[1] == f"{TOPIC}.models"]
-    assert [e[2] for _, e in announced] == [b"1", b"2"]
+    assert [e[2] for _, e in announced] == [b"0", b"0"]  # keyed by stream
+    assert [m["model_version"] for m in run.models()] == [1, 2] and run.models()[0]["stream"] == 0
     for (commit_at, (_, offset, on_disk)), (sent_at, _), (trained_at, _) in zip(
         commits, announced, calls(log, "trained"), strict=True
     ):
@@ -230,24 +245,24 @@ def test_a_failed_commit_keeps_the_checkpoint_and_a_restart_announces_again_and_
     want = reference.unit.state_dict()
 
     state = tmp_path / "state"
-    first = start(state, RecordingConsumer(stream(), [], state / "checkpoints"))
+    first = start(state, RecordingConsumer(stream(), [], checkpoints(state)))
     first.consumer.fail_commits = True
     first.until(lambda: calls(first.log, "commit failed") != [])
     assert not first.loop.ready[0] and "offset commit failing" in first.loop.ready[1]
     first.stop()
-    version, checkpoint = CheckpointStore(checkpoint_dir(first.unit.cfg, first.unit)).latest() or (0, {})
+    version, checkpoint = CheckpointStore(checkpoints(state)).latest() or (0, {})
     assert version == 1 and checkpoint["positions"] == {"0": 7}
 
-    second = start(state, RecordingConsumer(stream(), [], state / "checkpoints"))
+    second = start(state, RecordingConsumer(stream(), [], checkpoints(state)))
     assert second.unit.model_version_ == 1 and second.unit.positions_ == {0: 7}
-    assert calls(second.log, "seek") == [(0, ("seek", 7))]
+    assert [e for _, e in calls(second.log, "seek")] == [("seek", 7)]
     second.until(lambda: len(calls(second.log, "commit")) == 2)
     log = second.log
     (first_commit_at, first_commit) = calls(log, "commit")[0]
-    assert first_commit[1:] == (7, 7)  # before reading anything: the checkpoint restored
+    assert first_commit[1:] == (7, 7)  # before handling anything: the checkpoint restored
     models = [(i, e) for i, e in calls(log, "send") if e[1] == f"{TOPIC}.models"]
-    assert models[0][1][2] == b"1" and models[0][0] < first_commit_at  # model 1 again, first
-    assert not calls(log[:first_commit_at], "poll")  # nothing read before it
+    assert json.loads(models[0][1][3])["model_version"] == 1 and models[0][0] < first_commit_at
+    assert not calls(log[:first_commit_at], "train")
     # The restored run goes on as the uninterrupted one: same model, same held-out samples.
     got = second.unit.state_dict()
     for key, tensor in want["learner"]["model"].items():
@@ -261,14 +276,76 @@ def test_a_failed_commit_keeps_the_checkpoint_and_a_restart_announces_again_and_
 
 @pytest.mark.parametrize("committed", [True, False])
 def test_a_restart_announces_only_what_was_not_committed(tmp_path: Path, committed: bool) -> None:
-    first = start(tmp_path, RecordingConsumer(stream()[:8], [], tmp_path / "checkpoints"))
+    first = start(tmp_path, RecordingConsumer(stream()[:8], [], checkpoints(tmp_path)))
     first.until(lambda: len(calls(first.log, "commit")) == 1)
     first.stop()
-    consumer = RecordingConsumer(stream()[:8], [], tmp_path / "checkpoints")
+    consumer = RecordingConsumer(stream()[:8], [], checkpoints(tmp_path))
     if committed:
         consumer.committed_ = dict(first.consumer.committed_)
     second = start(tmp_path, consumer)
-    second.until(lambda: second.consumer.next == 8 and second.loop._work is None, max_steps=2000)
+    second.until(lambda: second.consumer.next == 8 and second.loop.streams[0].quiet, max_steps=2000)
     for _ in range(50):
         second.loop.step()
     assert [m["model_version"] for m in second.models()] == ([] if committed else [1])
+
+
+class TwoPartitions(RecordingConsumer):
+    """Two partitions carrying the same stream, each with its own position and pause."""
+
+    def __init__(self, log: list[tuple[Any, ...]], checkpoints: Path) -> None:
+        super().__init__(stream(), log, checkpoints)
+        self.tps = [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)]
+        self.nexts = dict.fromkeys(self.tps, 0)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.tps)
+
+    def poll(
+        self, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[Message]]:
+        self.log.append(("poll", frozenset(tp.partition for tp in self.paused)))
+        out = {}
+        for tp in self.tps:
+            if tp not in self.paused and self.nexts[tp] < len(self.messages):
+                out[tp] = [m._replace(partition=tp.partition) for m in self.messages[self.nexts[tp] :]]
+                self.nexts[tp] = len(self.messages)
+        if not out:
+            time.sleep(0.001)
+        return out
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.nexts[tp] = offset
+
+    def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+        self.log.append(("commit", {tp.partition: meta.offset for tp, meta in offsets.items()}))
+
+
+def test_a_stream_in_training_holds_up_neither_polling_nor_the_other_streams(tmp_path: Path) -> None:
+    consumer = TwoPartitions([], tmp_path / "unused")
+    run = Run(tmp_path, consumer)
+    run.loop.on_assigned(consumer.tps)
+    run.until(lambda: sorted(run.loop.streams) == [0, 1])
+    first, second = run.loop.streams[0], run.loop.streams[1]
+    gate = threading.Event()
+    train = first.unit.train
+
+    def held(closed: Any) -> Any:
+        assert gate.wait(60), "never released"
+        return train(closed)
+
+    first.unit.train = held  # type: ignore[method-assign]
+    # While stream 0's first task trains (held), stream 1 reads on to the end of a task of
+    # its own (the first, or the second if it had the trainer first), which then waits for
+    # the trainer, its partition paused too.
+    run.until(lambda: run.loop._job is not None and run.loop._job[0] is first and second.closed is not None)
+    assert second.unit.positions_[1] in (6, 12) and consumer.paused == set(consumer.tps)
+    held_since = len(run.log)
+    for _ in range(20):
+        run.loop.step()
+    assert [e for e in run.log[held_since:] if e[0] == "poll"], "polling stopped during the training"
+    gate.set()
+    run.until(lambda: {p: o for _, e in calls(run.log, "commit") for p, o in e[1].items()} == {0: 13, 1: 13})
+    commits = [e[1] for _, e in calls(run.log, "commit")]
+    assert sorted(commits, key=lambda c: sorted(c.items())) == [{0: 7}, {0: 13}, {1: 7}, {1: 13}]
+    for p in (0, 1):
+        assert [m["model_version"] for m in run.models() if m["stream"] == p] == [1, 2]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from spacenet.stream import wire
+from spacenet.stream.changelog import TOPIC_CONFIGS as CHANGELOG_CONFIGS
 from spacenet.stream.config import ServiceConfig
 from spacenet.stream.dead_letters import REASON_HEADER
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
@@ -71,6 +73,10 @@ FAST_SETTINGS: dict[str, str] = {
     "device": "cpu",
 }
 SHAPE = (1, 28, 28)
+# What the service logs when it has restored a stream it was assigned, and when its
+# prediction worker follows the streams it learns (``loop.py``, ``predict.py``).
+TAKEN_ON = "taken on at offset"
+SERVING = "serving prediction requests of streams"
 _S = TypeVar("_S", bound="_Service")
 # Loopback only: never route through an HTTP proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -100,11 +106,21 @@ def service_settings(
     return settings
 
 
-def create_topics(bootstrap: str, topic: str) -> None:
-    """The training topic and the four the service derives from it, one partition each."""
-    ensure_topics(
-        KafkaSettings(bootstrap=bootstrap), ServiceConfig(topic=topic).topics, configs=TOPIC_CONFIGS
-    )
+# The changelog topics the tests create take messages of at most this size, so that
+# checkpoints of the tests' small models are cut into a few chunks too.
+CHANGELOG_MAX_MESSAGE_BYTES = 128 << 10
+
+
+def create_topics(bootstrap: str, topic: str, partitions: int = 1) -> None:
+    """The training topic and the four the service derives from it, with ``partitions``
+    partitions (the models and dead-letter topics: one), and its changelog topic, compacted
+    and with small messages (``CHANGELOG_MAX_MESSAGE_BYTES``)."""
+    settings, cfg = KafkaSettings(bootstrap=bootstrap), ServiceConfig(topic=topic)
+    streams = [cfg.topic, cfg.requests_topic, cfg.predictions_topic]
+    ensure_topics(settings, streams, partitions=partitions, configs=TOPIC_CONFIGS)
+    ensure_topics(settings, [cfg.models_topic, cfg.dead_letter_topic], configs=TOPIC_CONFIGS)
+    changelog = {**CHANGELOG_CONFIGS, "max.message.bytes": str(CHANGELOG_MAX_MESSAGE_BYTES)}
+    ensure_topics(settings, [cfg.changelog_topic], partitions=partitions, configs=changelog)
 
 
 # ---------------------------------------------------------------------------- data
@@ -168,10 +184,11 @@ def make_producer(bootstrap: str) -> Any:
     )
 
 
-def send_all(producer: _Producer, topic: str, messages: Iterable[Message]) -> list[int]:
-    """Send in order to partition 0 and wait for every acknowledgement; returns the offsets."""
+def send_all(producer: _Producer, topic: str, messages: Iterable[Message], partition: int = 0) -> list[int]:
+    """Send in order to ``partition`` and wait for every acknowledgement; returns the offsets."""
     futures = [
-        producer.send(topic, value=m.value, key=m.key, headers=list(m.headers), partition=0) for m in messages
+        producer.send(topic, value=m.value, key=m.key, headers=list(m.headers), partition=partition)
+        for m in messages
     ]
     producer.flush(timeout=60)
     return [int(f.get(timeout=60).offset) for f in futures]
@@ -383,14 +400,15 @@ class ServiceThread:
         return self
 
     def wait_assigned(self, timeout_s: float = 15.0) -> bool:
-        """Whether both of its consumers (training, predictions) got their partition in time."""
+        """Whether it took a stream on (its training partition assigned, its state restored)
+        and its prediction consumer reads that stream's requests, in time."""
 
         def assigned() -> bool:
             loop, predictions = self.runtime.loop, self.runtime.predictions
             return bool(
                 loop is not None
                 and predictions is not None
-                and loop.consumer.assignment()
+                and loop.streams
                 and predictions.consumer.assignment()
             )
 
@@ -457,6 +475,7 @@ class ServiceProcess:
         self.log_path = Path(log_path)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     @property
     def command(self) -> list[str]:
@@ -478,6 +497,7 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         if self.proc is not None:
             return self
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command,
@@ -494,28 +514,16 @@ class ServiceProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_assigned(self, timeout_s: float = 15.0, start_timeout_s: float = 120.0) -> bool:
-        """Whether both of its consumers got their partition, judged from kafka-python's log
-        lines: once either group has joined (``start_timeout_s`` covers the interpreter
-        start-up), both must report a non-empty assignment within ``timeout_s``."""
-        topic, group = self.settings["topic"], self.settings["group"]
-        joined = "Setting newly assigned partitions"
-        wanted = [f"{joined} {{TopicPartition(topic='{t}', partition=" for t in (topic, f"{topic}.requests")]
-
-        def log_text() -> str:
-            try:
-                return self.log_path.read_text(errors="replace")
-            except OSError:
-                return ""
+        """Whether it took a stream on and serves its prediction requests, judged from the log:
+        once its consumer has joined the group (``start_timeout_s`` covers the interpreter
+        start-up), both lines must show within ``timeout_s``."""
+        joined = f"Cooperative rebalance complete for group {self.settings['group']}"
+        serving = re.compile(re.escape(SERVING) + r" \[\d")
 
         try:
+            eventually(lambda: joined in self.log_text(), start_timeout_s, "a group join", lambda: self.alive)
             eventually(
-                lambda: f"for group {group}" in log_text() and joined in log_text(),
-                start_timeout_s,
-                "a group join",
-                lambda: self.alive,
-            )
-            eventually(
-                lambda: all(w in log_text() for w in wanted),
+                lambda: TAKEN_ON in self.log_text() and bool(serving.search(self.log_text())),
                 timeout_s,
                 "partition assignment",
                 lambda: self.alive,
@@ -523,6 +531,15 @@ class ServiceProcess:
         except TimeoutError:
             return False
         return True
+
+    def log_text(self) -> str:
+        """What this run has logged (the file may hold earlier runs' lines before it)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, lines: int = 40) -> str:
         try:

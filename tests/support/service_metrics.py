@@ -56,31 +56,35 @@ def populated_registry(process: bool = False) -> tuple[CollectorRegistry, Servic
         net.begin_task(classes)
         net.end_task()
     state = ModelState.of(net, _Matrix(), model_version=2, task_inference_accuracy=0.9)
-    registry.register(ModelStateCollector(lambda: state))
+    registry.register(ModelStateCollector(lambda: {"0": state}))
     if process:
         from prometheus_client import ProcessCollector
 
         ProcessCollector(registry=registry)
+    metrics.stream_added("0")
+    metrics.stream_restored(0.5)
     drive(metrics)
     return registry, metrics
 
 
 def drive(metrics: ServiceMetrics, task: int = 1) -> None:
-    """One round of activity on every instrument."""
+    """One round of activity on every instrument (stream "0" taken on already)."""
     metrics.batch()
     metrics.consumed("train", 0, records=10, decode_seconds=0.001)
     metrics.rejected("schema", decode_seconds=0.0005)
     metrics.routed("train", 10)
     metrics.lag("train", 0, 5)
     metrics.boundary("new_class")
-    metrics.set_current_task(task)
-    metrics.set_known_classes(2 * (task + 1))
+    metrics.set_current_task("0", task)
+    metrics.set_known_classes("0", 2 * (task + 1))
+    metrics.uncheckpointed_messages("0", 4)
     metrics.training_started()
     metrics.steps(5)
-    metrics.training_finished(3.0, task=task)
-    with metrics.checkpoint():
+    metrics.training_finished(3.0, task=task, stream="0")
+    with metrics.checkpoint("0"):
         pass
-    metrics.model_published(task + 1)
+    metrics.checkpoint_size("0", 10_000)
+    metrics.model_published("0", task + 1)
     metrics.prediction(0.01, records=4)
     metrics.dead_lettered("schema")
     metrics.capacity_exhausted("out")

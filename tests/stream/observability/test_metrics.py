@@ -60,15 +60,45 @@ def test_labelled_counters_are_pre_initialised_at_zero(
         "spacenet_prediction_requests_total",
         "spacenet_boundary_disagreements_total",
         "spacenet_training_in_progress",
-        "spacenet_model_version",
-        "spacenet_last_checkpoint_timestamp_seconds",
         "spacenet_last_record_timestamp_seconds",
-        "spacenet_known_classes",
         "spacenet_training_duration_seconds_count",
         "spacenet_checkpoint_duration_seconds_count",
+        "spacenet_streams",
     ):
         assert value(registry, name) == 0.0, name
-    assert value(registry, "spacenet_current_task") == -1.0
+    assert value(registry, "spacenet_checkpoint_max_age_seconds") == 7200.0
+
+
+def test_a_streams_series_start_when_it_is_taken_on_and_go_when_it_is_handed_over(
+    registry: CollectorRegistry, metrics: ServiceMetrics
+) -> None:
+    per_stream = (
+        "spacenet_model_version",
+        "spacenet_model_published_timestamp_seconds",
+        "spacenet_known_classes",
+        "spacenet_checkpoint_bytes",
+        "spacenet_uncheckpointed_messages",
+    )
+    assert all(value(registry, name, stream="2") is None for name in per_stream)
+    metrics.stream_added("2")
+    metrics.stream_added("5")
+    assert all(value(registry, name, stream="2") == 0.0 for name in per_stream)
+    assert value(registry, "spacenet_current_task", stream="2") == -1.0
+    assert time.time() - 5 < (value(registry, "spacenet_last_checkpoint_timestamp_seconds", stream="2") or 0)
+    assert value(registry, "spacenet_streams") == 2.0
+    metrics.training_finished(2.0, task=1, stream="2")
+    metrics.uncheckpointed_messages("2", 40)
+    metrics.checkpoint_size("2", 1234)
+    metrics.stream_restored(0.3)
+    assert value(registry, "spacenet_uncheckpointed_messages", stream="2") == 40.0
+    assert value(registry, "spacenet_checkpoint_bytes", stream="2") == 1234.0
+    assert value(registry, "spacenet_stream_restore_duration_seconds_count") == 1.0
+
+    metrics.stream_removed("2")
+    assert all(value(registry, name, stream="2") is None for name in (*per_stream, "spacenet_current_task"))
+    assert value(registry, "spacenet_task_training_duration_seconds", stream="2", task="1") is None
+    assert value(registry, "spacenet_model_version", stream="5") == 0.0
+    assert value(registry, "spacenet_streams") == 1.0
 
 
 def test_ingest(registry: CollectorRegistry, metrics: ServiceMetrics) -> None:
@@ -122,33 +152,33 @@ def test_tasks_and_boundaries(registry: CollectorRegistry, metrics: ServiceMetri
     metrics.boundary("timeout")
     metrics.boundary("noise?")
     metrics.disagreement()
-    metrics.set_current_task(2)
-    metrics.set_known_classes(6)
+    metrics.set_current_task("0", 2)
+    metrics.set_known_classes("0", 6)
     assert value(registry, "spacenet_task_boundaries_total", reason="new_class") == 1.0
     assert value(registry, "spacenet_task_boundaries_total", reason="timeout") == 2.0
     assert value(registry, "spacenet_task_boundaries_total", reason=OTHER) == 1.0
     assert value(registry, "spacenet_boundary_disagreements_total") == 1.0
-    assert value(registry, "spacenet_current_task") == 2.0
-    assert value(registry, "spacenet_known_classes") == 6.0
+    assert value(registry, "spacenet_current_task", stream="0") == 2.0
+    assert value(registry, "spacenet_known_classes", stream="0") == 6.0
 
 
 def test_training_context_times_flags_and_counts_failures(
     registry: CollectorRegistry, metrics: ServiceMetrics
 ) -> None:
-    with metrics.training(task=1):
+    with metrics.training(task=1, stream="0"):
         assert value(registry, "spacenet_training_in_progress") == 1.0
         metrics.steps(10)
     assert value(registry, "spacenet_training_in_progress") == 0.0
     assert value(registry, "spacenet_training_duration_seconds_count") == 1.0
     assert value(registry, "spacenet_training_steps_total") == 10.0
-    assert (value(registry, "spacenet_task_training_duration_seconds", task="1") or -1) >= 0.0
+    assert (value(registry, "spacenet_task_training_duration_seconds", stream="0", task="1") or -1) >= 0.0
 
-    with pytest.raises(RuntimeError, match="boom"), metrics.training(task=2):
+    with pytest.raises(RuntimeError, match="boom"), metrics.training(task=2, stream="0"):
         raise RuntimeError("boom")
     assert value(registry, "spacenet_training_in_progress") == 0.0
     assert value(registry, "spacenet_training_failures_total") == 1.0
     assert value(registry, "spacenet_training_duration_seconds_count") == 2.0
-    assert value(registry, "spacenet_task_training_duration_seconds", task="2") is None
+    assert value(registry, "spacenet_task_training_duration_seconds", stream="0", task="2") is None
 
 
 def test_training_from_another_thread_and_task_cap(
@@ -156,14 +186,14 @@ def test_training_from_another_thread_and_task_cap(
 ) -> None:
     metrics.training_started()
     assert value(registry, "spacenet_training_in_progress") == 1.0
-    metrics.training_finished(45.0, task=3)
+    metrics.training_finished(45.0, task=3, stream="1")
     metrics.training_started()
-    metrics.training_finished(4000.0, task=4)  # task 4 >= max_task_label: no per-task series
+    metrics.training_finished(4000.0, task=4, stream="1")  # task 4 >= max_task_label: no per-task series
     metrics.training_started()
     metrics.training_finished(1.5, failed=True)
     assert value(registry, "spacenet_training_in_progress") == 0.0
-    assert value(registry, "spacenet_task_training_duration_seconds", task="3") == 45.0
-    assert value(registry, "spacenet_task_training_duration_seconds", task="4") is None
+    assert value(registry, "spacenet_task_training_duration_seconds", stream="1", task="3") == 45.0
+    assert value(registry, "spacenet_task_training_duration_seconds", stream="1", task="4") is None
     assert value(registry, "spacenet_training_failures_total") == 1.0
     assert value(registry, "spacenet_training_duration_seconds_sum") == 4046.5
     # Buckets reach hours: 45 s and 1.5 s fall under 60, 4000 s only under 7200 and +Inf.
@@ -183,19 +213,24 @@ def test_training_from_another_thread_and_task_cap(
 def test_checkpoints_models_predictions_dead_letters(
     registry: CollectorRegistry, metrics: ServiceMetrics
 ) -> None:
-    with metrics.checkpoint():
+    metrics.stream_added("0")
+    metrics.uncheckpointed_messages("0", 7)
+    with metrics.checkpoint("0"):
         pass
-    stamp = value(registry, "spacenet_last_checkpoint_timestamp_seconds") or 0.0
+    stamp = value(registry, "spacenet_last_checkpoint_timestamp_seconds", stream="0") or 0.0
     assert time.time() - 5 < stamp <= time.time()
-    with pytest.raises(OSError), metrics.checkpoint():
+    assert value(registry, "spacenet_uncheckpointed_messages", stream="0") == 0.0
+    metrics.uncheckpointed_messages("0", 3)
+    with pytest.raises(OSError), metrics.checkpoint("0"):
         raise OSError("disk full")
     assert value(registry, "spacenet_checkpoint_failures_total") == 1.0
     assert value(registry, "spacenet_checkpoint_duration_seconds_count") == 2.0
-    assert value(registry, "spacenet_last_checkpoint_timestamp_seconds") == stamp
+    assert value(registry, "spacenet_last_checkpoint_timestamp_seconds", stream="0") == stamp
+    assert value(registry, "spacenet_uncheckpointed_messages", stream="0") == 3.0
 
-    metrics.model_published(3)
-    assert value(registry, "spacenet_model_version") == 3.0
-    assert (value(registry, "spacenet_model_published_timestamp_seconds") or 0.0) >= stamp
+    metrics.model_published("0", 3)
+    assert value(registry, "spacenet_model_version", stream="0") == 3.0
+    assert (value(registry, "spacenet_model_published_timestamp_seconds", stream="0") or 0.0) >= stamp
 
     metrics.prediction(0.004, records=16)
     metrics.prediction(0.2)

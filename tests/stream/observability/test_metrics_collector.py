@@ -72,6 +72,11 @@ def families(registry: CollectorRegistry) -> dict[str, list[tuple[dict[str, str]
     }
 
 
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    """A series of stream "0" (every model-state series carries its stream)."""
+    return registry.get_sample_value(name, {"stream": "0", **labels})
+
+
 @pytest.fixture
 def net() -> SpaceNet:
     return SpaceNet(seed=0).attach(SpaceNetMLP())
@@ -80,10 +85,10 @@ def net() -> SpaceNet:
 def test_free_neurons_fall_and_reservations_show_per_task(net: SpaceNet) -> None:
     state: list[ModelState | None] = [ModelState.of(net)]
     registry = CollectorRegistry()
-    registry.register(ModelStateCollector(lambda: state[0]))
+    registry.register(ModelStateCollector(lambda: {"0": state[0]}))
 
     def get(name: str, **labels: str) -> float | None:
-        return registry.get_sample_value(name, labels)
+        return sample(registry, name, **labels)
 
     assert get("spacenet_layer_free_neurons", layer="hidden.0") == 400.0
     assert get("spacenet_layer_free_neuron_ratio", layer="hidden.0") == 1.0
@@ -111,17 +116,17 @@ def test_free_neurons_fall_and_reservations_show_per_task(net: SpaceNet) -> None
     assert get("spacenet_layer_free_neurons", layer="hidden.0") == 320.0
     assert get("spacenet_task_reserved_neurons", layer="out", task="1") == 2.0
     assert get("spacenet_task_labels_truncated") == 0.0
-    assert get("spacenet_model_state_available") == 1.0
+    assert registry.get_sample_value("spacenet_model_state_available") == 1.0
 
 
 def test_accuracy_series_follow_the_definitions(net: SpaceNet) -> None:
     rows = [[0.9, 0.0, 0.0], [0.6, 0.8, 0.0], [0.5, 0.7, 0.95]]
     state = ModelState.of(net, Matrix(rows), model_version=3)
     registry = CollectorRegistry()
-    registry.register(ModelStateCollector(lambda: state))
+    registry.register(ModelStateCollector(lambda: {"0": state}))
 
     def get(name: str, **labels: str) -> float | None:
-        return registry.get_sample_value(name, labels)
+        return sample(registry, name, **labels)
 
     assert get("spacenet_accuracy_ratio") == pytest.approx((0.5 + 0.7 + 0.95) / 3)
     assert get("spacenet_task_accuracy_ratio", task="2") == 0.95
@@ -136,6 +141,26 @@ def test_accuracy_series_follow_the_definitions(net: SpaceNet) -> None:
     assert len(matrix) == 9
     # The protocol's optional part: without sample counts there is no weighted series.
     assert families(registry)["spacenet_sample_accuracy_ratio"] == []
+
+
+def test_each_stream_has_its_own_series(net: SpaceNet) -> None:
+    fresh = ModelState.of(SpaceNet(seed=0).attach(SpaceNetMLP()), model_version=0)
+    net.begin_task([0, 1])
+    net.end_task()
+    states = {"0": fresh, "3": ModelState.of(net, Matrix([[0.9]]), model_version=1)}
+    registry = CollectorRegistry()
+    registry.register(ModelStateCollector(lambda: states))
+    free = {
+        labels["stream"]: v
+        for labels, v in families(registry)["spacenet_layer_free_neurons"]
+        if labels["layer"] == "hidden.0"
+    }
+    assert free == {"0": 400.0, "3": 360.0}
+    assert registry.get_sample_value("spacenet_accuracy_ratio", {"stream": "3"}) == 0.9
+    assert registry.get_sample_value("spacenet_accuracy_ratio", {"stream": "0"}) is None
+    assert registry.get_sample_value("spacenet_model_state_available") == 1.0
+    del states["3"]
+    assert {labels["stream"] for labels, _ in families(registry)["spacenet_tasks_learned"]} == {"0"}
 
 
 def test_snapshot_does_not_follow_later_updates(net: SpaceNet) -> None:
@@ -154,11 +179,11 @@ def test_real_accuracy_matrix_gives_the_sample_weighted_accuracy(net: SpaceNet) 
     m.record(1, 0, 0.6, 100)
     m.record(1, 1, 0.8, 300)
     registry = CollectorRegistry()
-    registry.register(ModelStateCollector(lambda: ModelState.of(net, m)))
-    assert registry.get_sample_value("spacenet_accuracy_ratio") == pytest.approx(0.7)
-    assert registry.get_sample_value("spacenet_sample_accuracy_ratio") == pytest.approx(0.75)
-    assert registry.get_sample_value("spacenet_average_forgetting_ratio") == pytest.approx(0.3)
-    assert registry.get_sample_value("spacenet_backward_transfer_ratio") == pytest.approx(-0.3)
+    registry.register(ModelStateCollector(lambda: {"0": ModelState.of(net, m)}))
+    assert sample(registry, "spacenet_accuracy_ratio") == pytest.approx(0.7)
+    assert sample(registry, "spacenet_sample_accuracy_ratio") == pytest.approx(0.75)
+    assert sample(registry, "spacenet_average_forgetting_ratio") == pytest.approx(0.3)
+    assert sample(registry, "spacenet_backward_transfer_ratio") == pytest.approx(-0.3)
 
 
 def test_task_labels_are_capped(net: SpaceNet) -> None:
@@ -167,9 +192,9 @@ def test_task_labels_are_capped(net: SpaceNet) -> None:
         net.end_task()
     rows = [[0.9, 0.0, 0.0], [0.8, 0.9, 0.0], [0.7, 0.8, 0.9]]
     registry = CollectorRegistry()
-    registry.register(ModelStateCollector(lambda: ModelState.of(net, Matrix(rows)), max_task_label=2))
+    registry.register(ModelStateCollector(lambda: {"0": ModelState.of(net, Matrix(rows))}, max_task_label=2))
     got = families(registry)
-    assert registry.get_sample_value("spacenet_task_labels_truncated") == 1.0
+    assert sample(registry, "spacenet_task_labels_truncated") == 1.0
     for name in (
         "spacenet_task_accuracy_ratio",
         "spacenet_accuracy_matrix_ratio",
@@ -180,18 +205,18 @@ def test_task_labels_are_capped(net: SpaceNet) -> None:
         assert tasks and tasks <= {"0", "1"}, name
     assert {labels["trained_through"] for labels, _ in got["spacenet_accuracy_matrix_ratio"]} == {"0", "1"}
     # The headline numbers still cover every task.
-    assert registry.get_sample_value("spacenet_accuracy_ratio") == pytest.approx(0.8)
+    assert sample(registry, "spacenet_accuracy_ratio") == pytest.approx(0.8)
 
 
 def test_no_model_yet_and_failing_source_expose_empty_families() -> None:
     registry = CollectorRegistry()
-    registry.register(ModelStateCollector(lambda: None))
+    registry.register(ModelStateCollector(lambda: {}))
     got = families(registry)
     assert set(got) == FAMILIES
     assert got["spacenet_model_state_available"] == [({}, 0.0)]
     assert all(not samples for name, samples in got.items() if name.startswith("spacenet_layer_"))
 
-    def broken() -> ModelState | None:
+    def broken() -> dict[str, ModelState]:
         raise RuntimeError("snapshot failed")
 
     registry = CollectorRegistry()
@@ -205,19 +230,19 @@ def test_task_inference_accuracy_only_with_the_option(net: SpaceNet) -> None:
     for accuracy in (None, 0.75):
         registry = CollectorRegistry()
         registry.register(
-            ModelStateCollector(lambda a=accuracy: ModelState.of(net, task_inference_accuracy=a))
+            ModelStateCollector(lambda a=accuracy: {"0": ModelState.of(net, task_inference_accuracy=a)})
         )
-        assert registry.get_sample_value("spacenet_task_inference_accuracy_ratio") == accuracy
-        assert registry.get_sample_value("spacenet_task_inference_bytes") == 0.0  # net has no statistics
+        assert sample(registry, "spacenet_task_inference_accuracy_ratio") == accuracy
+        assert sample(registry, "spacenet_task_inference_bytes") == 0.0  # net has no statistics
 
 
 def test_shares_a_registry_with_service_metrics_without_clashes(net: SpaceNet) -> None:
     registry = CollectorRegistry()
     ServiceMetrics(registry)
-    registry.register(ModelStateCollector(lambda: ModelState.of(net)))
+    registry.register(ModelStateCollector(lambda: {"0": ModelState.of(net)}))
     names = {f.name for f in text_string_to_metric_families(generate_latest(registry).decode())}
     assert names >= FAMILIES
     assert "spacenet_model_version" in names and "spacenet_current_task" in names
     # describe() names the families, so a second collector on the registry is refused.
     with pytest.raises(ValueError, match="Duplicated"):
-        registry.register(ModelStateCollector(lambda: None))
+        registry.register(ModelStateCollector(lambda: {}))
