@@ -31,7 +31,7 @@ from spacenet.strategy.data import default_seed_dir
 from spacenet.stream import wire
 from spacenet.stream.checkpoint import CheckpointStore
 from spacenet.stream.predict import MODEL_VERSION_HEADER, decode_reply
-from spacenet.stream.produce import load_dataset
+from spacenet.stream.tools.produce import load_dataset
 from tests.support.container import HARDENING, IMAGE, ContainerService, http_status, podman, volume_path
 from tests.support.service import (
     Message,
