@@ -4,6 +4,7 @@
 #   docker build -t spacenet-stream .                          # CUDA variant (default)
 #   docker build -t spacenet-stream:cpu --build-arg VARIANT=cpu .
 #   docker run --gpus all -e SPACENET_BOOTSTRAP=kafka:9092 -v spacenet-state:/var/lib/spacenet spacenet-stream
+#   make image [VARIANT=cuda]      # podman, on a Debian base made locally: no registry at all
 #
 # Configured only through SPACENET_* and SPACENET_KAFKA_* environment variables (see
 # docs/deployment.md). The dependencies are installed by scripts/install-deps.sh from
@@ -15,38 +16,52 @@
 # CUDA base image would only duplicate several GB of libraries at versions the lock does not
 # control, and their Ubuntu 24.04 has Python 3.12, not the tested 3.11. The one thing the
 # host provides is the driver, which the NVIDIA Container Toolkit mounts in: the cuda variant
-# sets the variables it reads, as NVIDIA's own images do.
+# sets the variables it reads, as NVIDIA's own images do. `make image` (scripts/image.sh) passes
+# PYTHON_IMAGE=localhost/spacenet-base:bookworm instead: Debian bookworm with its own Python 3.11
+# (3.11.2), made from Debian's mirror, for machines that reach no container registry.
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 ARG VARIANT=cuda
 
-# ---------------------------------------------------------------------------- build
-FROM ${PYTHON_IMAGE} AS build
+# --------------------------------------------------------------------- requirements
+# The dependencies pyproject.toml declares, alone in a file: other edits of pyproject.toml
+# (tool settings, test markers) then leave the dependency layer below cached.
+FROM ${PYTHON_IMAGE} AS requirements
+WORKDIR /src
+COPY pyproject.toml scripts/prune-venv.py ./
+RUN python3 prune-venv.py --list pyproject.toml > requirements.in
+
+# ----------------------------------------------------------------------------- deps
+FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHON=python3.11
 WORKDIR /src
-# Dependencies first: this layer is rebuilt only when the lock (or the script) changes.
+# Dependencies first: this layer is rebuilt only when the lock, the declared dependencies or
+# these scripts change. Then the development tools the lock also pins (pytest, ruff, mypy,
+# hadolint...) and the packages' own test suites are removed: the image keeps the run-time
+# closure of the project's dependencies, at the locked versions.
 COPY requirements.lock ./
-COPY scripts/install-deps.sh scripts/
-RUN scripts/install-deps.sh /opt/venv
-# Then the project, without dependencies: everything it needs is already pinned above.
+COPY --from=requirements /src/requirements.in ./
+COPY scripts/install-deps.sh scripts/prune-venv.py scripts/
+RUN scripts/install-deps.sh /opt/venv \
+    && /opt/venv/bin/python scripts/prune-venv.py requirements.in
+
+# ---------------------------------------------------------------------------- build
+# The project alone, without dependencies (everything it needs is pinned above), staged under
+# /stage so that the image takes it as a small layer of its own: a code change rebuilds that
+# layer, not the 7 GB one of the dependencies.
+FROM deps AS build
 COPY pyproject.toml README.md ./
 COPY strategy/ strategy/
 COPY stream/ stream/
-RUN /opt/venv/bin/python -m pip install --no-deps --no-build-isolation /src \
-    && /opt/venv/bin/spacenet --help >/dev/null
+RUN /opt/venv/bin/python -m pip install --no-deps --no-build-isolation --root /stage /src \
+    && PYTHONPATH="/stage$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+       /stage/opt/venv/bin/spacenet --help >/dev/null
 
 # -------------------------------------------------------------------------- runtime
-FROM ${PYTHON_IMAGE} AS runtime
-ARG PYTHON_IMAGE
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-LABEL org.opencontainers.image.title="spacenet-stream" \
-      org.opencontainers.image.description="SpaceNet continual learning as a Kafka-fed streaming service (spacenet serve)" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="MIT" \
-      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
+# On the deps stage itself: its venv layer is the image's, never copied (a copy of 7 GB
+# costs minutes at each build, and the build cache has to hash it again at each rebuild).
+FROM deps AS runtime
 
 # A fixed, non-root uid/gid (10001) so volumes and Kubernetes securityContexts can name it.
 # Its state lives in /var/lib/spacenet (the volume); datasets for `spacenet produce` in /data.
@@ -55,7 +70,7 @@ RUN groupadd --system --gid 10001 spacenet \
        --shell /usr/sbin/nologin spacenet \
     && install -d -o spacenet -g spacenet -m 0750 /var/lib/spacenet /data
 
-COPY --from=build /opt/venv /opt/venv
+COPY --from=build /stage/ /
 
 # Everything written outside the volume goes under /tmp, so the root filesystem can be
 # read-only with a tmpfs on /tmp: importing avalanche creates ~/.avalanche, matplotlib
@@ -71,6 +86,17 @@ ENV PATH=/opt/venv/bin:$PATH \
     SPACENET_METRICS_HOST=0.0.0.0 \
     SPACENET_METRICS_PORT=9109 \
     SPACENET_DATA=/data
+
+# Labels last, so that a new revision does not rebuild the layers above.
+ARG PYTHON_IMAGE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="spacenet-stream" \
+      org.opencontainers.image.description="SpaceNet continual learning as a Kafka-fed streaming service (spacenet serve)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
 
 USER 10001:10001
 WORKDIR /var/lib/spacenet

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 CODE  := strategy stream
 
-.PHONY: setup system-deps kafka-jars lint test test-fast test-scale demo bench clean
+.PHONY: setup system-deps kafka-jars lint test test-fast test-scale demo bench image image-test clean
 
 setup:
 	@scripts/bootstrap.sh >/dev/null
@@ -39,6 +39,16 @@ demo: setup system-deps kafka-jars
 BENCH_ARGS ?= --benchmark split_mnist --strategies spacenet,spacenet_fb,spacenet_cal,spacenet_plus,naive,replay --seeds 0,1,2,3,4 --out results/split_mnist
 bench: setup
 	$(PY) -m spacenet.stream.cli bench $(BENCH_ARGS)
+
+# The container image, with podman and no container registry (scripts/image.sh):
+# `make image` builds the cpu variant, `make image VARIANT=cuda` the cuda one.
+VARIANT ?= cpu
+image:
+	@scripts/image.sh $(VARIANT)
+
+# The image end to end against the local Kafka broker (tests/image/); not part of `make test`.
+image-test: setup system-deps kafka-jars image
+	SPACENET_IMAGE=localhost/spacenet-stream:$(VARIANT) $(PY) -m pytest -m image -s $(PYTEST_ARGS) tests/image
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build *.egg-info

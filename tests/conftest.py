@@ -5,7 +5,8 @@ Importing avalanche or matplotlib writes into ``$HOME``, so the environment is
 redirected here, at import time, before any test module imports them. Tests that use
 ``kafka_bootstrap`` are marked ``kafka`` and tests that use ``prometheus_factory`` are
 marked ``prometheus``, so ``pytest -m "not kafka and not prometheus and not slow"``
-(``make test-fast``) runs only the fast tests.
+(``make test-fast``) runs only the fast tests. Tests marked ``image`` (tests/image: the built
+container image) run only when ``-m`` names them, as ``make image-test`` does (``-m image``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.kafka)
         if "prometheus_factory" in names:
             item.add_marker(pytest.mark.prometheus)
+    # The image test needs a built image (`make image-test`): left out unless -m names it.
+    if "image" not in (config.getoption("markexpr") or ""):
+        image = [item for item in items if item.get_closest_marker("image")]
+        if image:
+            config.hook.pytest_deselected(items=image)
+            items[:] = [item for item in items if not item.get_closest_marker("image")]
 
 
 @pytest.fixture(scope="session")

