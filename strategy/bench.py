@@ -100,6 +100,7 @@ def run_one(config: RunConfig) -> dict[str, Any]:
     test_sizes = [len(exp.dataset) for exp in bm.test_stream]
     matrix = AccuracyMatrix()
     train_seconds = 0.0
+    train_cpu_seconds = 0.0
     bar = tqdm(
         bm.train_stream,
         desc=f"{config.strategy} seed {config.seed}",
@@ -110,9 +111,10 @@ def run_one(config: RunConfig) -> dict[str, Any]:
     )
     for i, exp in enumerate(bar):
         seed_experience(config.seed, i)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         strategy.train(exp)
         train_seconds += time.perf_counter() - t0
+        train_cpu_seconds += time.process_time() - c0
         accuracies = experience_accuracies(strategy.eval(bm.test_stream))
         missing = set(range(len(test_sizes))) - set(accuracies)
         if missing:
@@ -124,6 +126,7 @@ def run_one(config: RunConfig) -> dict[str, Any]:
         "accuracy_matrix": matrix.as_dict(),
         **matrix.summary(),
         "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
         "wall_seconds": time.perf_counter() - started,
         "peak_rss_bytes": peak_rss_bytes(),
         "rss_after_imports_bytes": rss_after_imports,

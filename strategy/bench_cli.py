@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         args.metrics_host,
     )
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.strategies}
-    jobs = [(name, seed) for name in args.strategies for seed in args.seeds]
+    # Seed-major: the strategies of one seed run one after another, so their timings are
+    # compared under the same load on a shared machine.
+    jobs = [(name, seed) for seed in args.seeds for name in args.strategies]
     for name, seed in tqdm(jobs, desc=args.benchmark, unit="run", position=0, disable=args.no_progress):
         runs[name].append(run_in_child(replace(base, strategy=name, seed=seed)))
         results["strategies"][name] = summarise(name, runs[name], plugin_kwargs)

@@ -11,6 +11,8 @@
         final_accuracy_std, per_seed_final_accuracy, sample_accuracy_mean,
         per_seed_sample_accuracy, average_forgetting_mean, per_seed_average_forgetting,
         bwt_mean, per_seed_bwt, train_seconds_mean, per_seed_train_seconds,
+        train_cpu_seconds_mean, per_seed_train_cpu_seconds (the child's CPU time while
+        training: a fairer comparison than wall time on a shared machine),
         per_seed_wall_seconds, peak_rss_bytes (max over seeds), per_seed_peak_rss_bytes,
         per_seed_rss_after_imports_bytes, accuracy_after_each_task_mean,
         mean_accuracy_matrix, accuracy_matrices (AccuracyMatrix.as_dict() per seed),
@@ -78,6 +80,8 @@ def summarise(
         "per_seed_bwt": col("bwt"),
         "train_seconds_mean": _mean(col("train_seconds")),
         "per_seed_train_seconds": col("train_seconds"),
+        "train_cpu_seconds_mean": _mean(col("train_cpu_seconds")),
+        "per_seed_train_cpu_seconds": col("train_cpu_seconds"),
         "per_seed_wall_seconds": col("wall_seconds"),
         "peak_rss_bytes": max(col("peak_rss_bytes"), default=None),
         "per_seed_peak_rss_bytes": col("peak_rss_bytes"),
@@ -111,8 +115,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['test_subset_per_class'] or 'all'} per class. Final accuracy: mean over tasks of each task's "
         "test accuracy after the last one (± sample std over seeds).",
         "",
-        "| strategy | final acc mean ± std | sample acc | avg forgetting | BWT | train s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
+        "| strategy | final acc mean ± std | sample acc | avg forgetting | BWT | train s | train CPU s "
+        "| peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, e in results["strategies"].items():
         rss = None if e["peak_rss_bytes"] is None else e["peak_rss_bytes"] / 2**20
@@ -120,7 +125,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {name} | {_fmt(e['final_accuracy_mean'])} ± {_fmt(e['final_accuracy_std'])} | "
             f"{_fmt(e['sample_accuracy_mean'])} | {_fmt(e['average_forgetting_mean'])} | "
             f"{_fmt(e['bwt_mean'])} | "
-            f"{_fmt(e['train_seconds_mean'], '.1f')} | {_fmt(rss, '.0f')} |"
+            f"{_fmt(e['train_seconds_mean'], '.1f')} | {_fmt(e['train_cpu_seconds_mean'], '.1f')} | "
+            f"{_fmt(rss, '.0f')} |"
         )
     base_rss = [b for e in results["strategies"].values() for b in e["per_seed_rss_after_imports_bytes"]]
     if base_rss:

@@ -32,6 +32,8 @@ REQUIRED_STRATEGY_KEYS = {
     "bwt_mean",
     "train_seconds_mean",
     "per_seed_train_seconds",
+    "train_cpu_seconds_mean",
+    "per_seed_train_cpu_seconds",
     "peak_rss_bytes",
     "accuracy_matrices",
     "errors",
@@ -89,6 +91,7 @@ def _run(seed: int, rows: list[list[float]], train_s: float) -> dict[str, Any]:
         "accuracy_matrix": matrix.as_dict(),
         **matrix.summary(),
         "train_seconds": train_s,
+        "train_cpu_seconds": train_s / 2,
         "wall_seconds": train_s + 1,
         "peak_rss_bytes": 2**30 + seed,
         "rss_after_imports_bytes": 2**29,
@@ -110,6 +113,7 @@ def test_summarise_aggregates_seeds_and_keeps_errors() -> None:
     assert entry["average_forgetting_mean"] == pytest.approx(0.5)
     assert entry["bwt_mean"] == pytest.approx(-0.5)
     assert entry["train_seconds_mean"] == pytest.approx(3.0)
+    assert entry["train_cpu_seconds_mean"] == pytest.approx(1.5)
     assert entry["peak_rss_bytes"] == 2**30 + 1
     assert entry["accuracy_after_each_task_mean"] == pytest.approx([0.9, 0.6])
     for row, expected in zip(entry["mean_accuracy_matrix"], [[0.9, 0.0], [0.4, 0.8]], strict=True):
@@ -132,7 +136,7 @@ def test_markdown_table_caveats_and_failures(tmp_path: Path) -> None:
         },
     }
     text = bench_report.markdown(results)
-    assert "| spacenet | 0.700 ± 0.000 | 0.700 | 0.500 | -0.500 | 2.0 | 1024 |" in text
+    assert "| spacenet | 0.700 ± 0.000 | 0.700 | 0.500 | -0.500 | 2.0 | 1.0 | 1024 |" in text
     assert "| si | n/a ± n/a |" in text
     assert "SynapticIntelligence is a no-op on the CPU" in text
     assert "- si seed 0: RuntimeError: boom" in text
@@ -199,7 +203,7 @@ def test_every_strategy_runs_a_tiny_stream(name: str) -> None:
     matrix = AccuracyMatrix.from_dict(result["accuracy_matrix"])
     assert (matrix.n_trained, matrix.n_tasks) == (5, 5)
     assert 0.0 <= result["final_accuracy"] <= 1.0
-    assert result["train_seconds"] > 0 and result["peak_rss_bytes"] > 0
+    assert result["train_seconds"] > 0 and result["train_cpu_seconds"] > 0 and result["peak_rss_bytes"] > 0
     assert ("capacity" in result) == (name in SPACENET_VARIANTS)
     if name in SPACENET_VARIANTS:
         assert result["capacity"]["tasks_learned"] == 5
