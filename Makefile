@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 CODE  := strategy stream
 
-.PHONY: setup system-deps kafka-jars lint test test-fast test-scale demo bench image image-test clean
+.PHONY: setup system-deps kafka-jars lint test test-fast test-scale demo bench image image-test gpu-check gpu-check-prepare clean
 
 setup:
 	@scripts/bootstrap.sh >/dev/null
@@ -49,6 +49,16 @@ image:
 # The image end to end against the local Kafka broker (tests/image/); not part of `make test`.
 image-test: setup system-deps kafka-jars image
 	SPACENET_IMAGE=localhost/spacenet-stream:$(VARIANT) $(PY) -m pytest -m image -s $(PYTEST_ARGS) tests/image
+
+# The GPU check (docs/gpu-check.md): CUDA tests, split MNIST on cuda and cpu, the service's
+# learner on the GPU; one JSON in $(GPU_CHECK_OUT). Without CUDA it runs the CPU half.
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check: setup
+	scripts/gpu-check.sh $(GPU_CHECK_OUT)
+
+# What the check needs on the device machine, which reaches no registry: wheels and MNIST.
+gpu-check-prepare: setup
+	$(PY) scripts/gpu_check_prepare.py --out gpu-check-carry
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -143,6 +143,8 @@ class Learner:
 
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else pick_device(cfg.device)
+        # The accelerator's name, for ``spacenet_device_info`` ("" on the CPU).
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
         with torch.random.fork_rng(devices=[]):  # initial weights from cfg.seed, not the global RNG
             torch.manual_seed(cfg.seed)
             self.model = build_model(cfg).to(self.device)

@@ -14,7 +14,6 @@ import logging
 import threading
 from typing import Any
 
-import torch
 from prometheus_client import CollectorRegistry
 
 from spacenet.stream import wire
@@ -108,11 +107,10 @@ class Runtime:
         log.info("starting with %s; kafka %s", cfg.redacted(), self.kafka)
         spare = [Learner(cfg)]  # the first stream's: its device and layers name the metrics
         learner = spare[0]
-        device_name = torch.cuda.get_device_name(learner.device) if learner.device.type == "cuda" else ""
         telemetry = Telemetry(
             self.registry,
             device=str(learner.device),
-            device_name=device_name,
+            device_name=learner.device_name,
             layers=learner.spacenet.layer_names_,
             checkpoint_max_age_s=cfg.checkpoint_max_age_s,
         )

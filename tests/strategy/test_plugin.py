@@ -139,6 +139,7 @@ def test_saved_state_restores_identical_predictions() -> None:
     assert restored.capacity() == plugin.capacity()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_plugin_on_cuda() -> None:
     torch.manual_seed(0)
