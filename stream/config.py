@@ -31,6 +31,7 @@ class ServiceConfig:
 
     # Kafka
     bootstrap: str = "127.0.0.1:9092"
+    broker_wait_s: float = 0.0  # how long to wait for a broker at start; 0: as long as it takes
     topic: str = "spacenet.train"
     group: str = "spacenet"
     requests_topic: str = ""  # default: <topic>.requests
@@ -96,6 +97,8 @@ class ServiceConfig:
         ):
             if not getattr(self, name):
                 object.__setattr__(self, name, f"{t}.{suffix}")
+        if self.broker_wait_s < 0:
+            raise ValueError("broker_wait_s must be 0 (wait as long as it takes) or positive")
         if self.on_exhausted not in ("error", "shrink"):
             raise ValueError("on_exhausted must be 'error' or 'shrink'")
         if self.calibrate and self.task_inference:

@@ -5,7 +5,7 @@ arguments that kafka-python's ``KafkaProducer``, ``KafkaConsumer`` and ``KafkaAd
 all accept. The SASL password comes from a value or a file (a mounted secret); it is never
 part of ``repr()``, so settings can be logged.
 
-    >>> s = KafkaSettings.from_env(env={"SPACENET_KAFKA_BOOTSTRAP": "k1:9093,k2:9093",
+    >>> s = KafkaSettings.from_env(env={"SPACENET_BOOTSTRAP": "k1:9093,k2:9093",
     ...     "SPACENET_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "SPACENET_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
     ...     "SPACENET_KAFKA_SASL_USERNAME": "svc", "SPACENET_KAFKA_SASL_PASSWORD": "s3cret"})
     >>> s.client_kwargs()["bootstrap_servers"], s.client_kwargs()["sasl_plain_password"]
@@ -17,17 +17,22 @@ part of ``repr()``, so settings can be logged.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spacenet.stream.config import ENV_PREFIX as SERVICE_ENV_PREFIX
 from spacenet.stream.config import ServiceConfig, parse_bool
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 ENV_PREFIX = "SPACENET_KAFKA_"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,12 +129,16 @@ class KafkaSettings:
     def from_env(
         cls, prefix: str = ENV_PREFIX, env: Mapping[str, str] | None = None, **overrides: Any
     ) -> KafkaSettings:
-        """Read ``<prefix><FIELD>`` variables (``SPACENET_KAFKA_SASL_PASSWORD_FILE=/run/secrets/kafka``);
-        ``overrides`` that are not None win over the environment (e.g. a ``--bootstrap`` flag)."""
+        """Read ``<prefix><FIELD>`` variables (``SPACENET_KAFKA_SASL_PASSWORD_FILE=/run/secrets/kafka``),
+        but the bootstrap servers from ``SPACENET_BOOTSTRAP``, the variable ``spacenet serve``
+        reads too (``SPACENET_KAFKA_BOOTSTRAP`` still works, with a warning); ``overrides``
+        that are not None win over the environment (e.g. a ``--bootstrap`` flag)."""
         source = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = source.get(prefix + f.name.upper())
+            if f.name == "bootstrap":
+                raw = _bootstrap_from(source, legacy=prefix + "BOOTSTRAP")
             if raw is None or raw == "":
                 continue
             if f.name == "bootstrap_timeout_ms":
@@ -152,6 +161,19 @@ class KafkaSettings:
             raise ValueError(
                 f"cannot read the SASL password file {self.sasl_password_file}: {e.strerror}"
             ) from e
+
+
+def _bootstrap_from(source: Mapping[str, str], legacy: str) -> str | None:
+    name = SERVICE_ENV_PREFIX + "BOOTSTRAP"
+    value, old = source.get(name) or None, source.get(legacy) or None
+    if old is not None:
+        log.warning(
+            "%s is deprecated: set %s (the one variable every spacenet command reads)%s",
+            legacy,
+            name,
+            "" if value is None else f"; {name} wins",
+        )
+    return value if value is not None else old
 
 
 def training_consumer_options(cfg: ServiceConfig) -> dict[str, Any]:
@@ -212,6 +234,68 @@ def ensure_topics(
         return created
     finally:
         admin.close()
+
+
+class BrokerUnavailable(RuntimeError):
+    """No broker answered within the wait's deadline."""
+
+
+def broker_error(settings: KafkaSettings) -> str | None:
+    """Why no broker answers at ``settings.bootstrap`` (an admin client that connects and lists
+    the topics), or None when one does."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    kafka_log = logging.getLogger("kafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)  # its lines for each refused connection: the caller logs
+    try:
+        admin = KafkaAdminClient(**settings.client_kwargs())
+        try:
+            admin.list_topics()
+        finally:
+            admin.close()
+    except (KafkaError, OSError) as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        kafka_log.setLevel(level)
+    return None
+
+
+def wait_for_broker(
+    settings: KafkaSettings,
+    stop: threading.Event,
+    deadline_s: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
+    log_every_s: float = 60.0,
+) -> bool:
+    """Block until a broker answers: True; False when ``stop`` is set first. Tries again with
+    a backoff (1 s, doubling, at most 30 s) and logs a line a minute while it waits;
+    ``deadline_s`` > 0 ends the wait with ``BrokerUnavailable`` once that long has passed."""
+    start = clock()
+    logged: float | None = None
+    backoff = 1.0
+    while not stop.is_set():
+        error = broker_error(settings)
+        if error is None:
+            if clock() - start >= 1.0:
+                log.info("kafka broker at %s answers after %.0f s", settings.bootstrap, clock() - start)
+            return True
+        waited = clock() - start
+        if deadline_s and waited >= deadline_s:
+            raise BrokerUnavailable(
+                f"no Kafka broker answered at {settings.bootstrap} within {deadline_s:g} s "
+                f"(broker_wait_s); last error: {error}"
+            )
+        if logged is None or clock() - logged >= log_every_s:
+            log.warning(
+                "waiting for a Kafka broker at %s (%.0f s so far): %s", settings.bootstrap, waited, error
+            )
+            logged = clock()
+        pause = backoff if not deadline_s else min(backoff, max(deadline_s - waited, 0.0))
+        stop.wait(pause)
+        backoff = min(backoff * 2, 30.0)
+    return False
 
 
 def partition_count(settings: KafkaSettings, topic: str) -> int:

@@ -25,6 +25,7 @@ from spacenet.stream.kafka_config import (
     ensure_topics,
     partition_count,
     training_consumer_options,
+    wait_for_broker,
 )
 from spacenet.stream.learner import Learner
 from spacenet.stream.loop import Loop
@@ -48,6 +49,7 @@ class Runtime:
         self.stop_ = threading.Event()
         self.loop: Loop | None = None
         self.predictions: PredictionWorker | None = None
+        self.status_ = "starting"  # what /readyz says before the loop runs
 
     def stop(self) -> None:
         self.stop_.set()
@@ -117,9 +119,18 @@ class Runtime:
         http = telemetry.serve_http(
             cfg.metrics_host,
             cfg.metrics_port,
-            ready=lambda: self.loop.ready if self.loop else (False, "starting"),
+            ready=lambda: self.loop.ready if self.loop else (False, self.status_),
             health=self._healthy,
         )
+        self.status_ = f"waiting for a Kafka broker at {self.kafka.bootstrap}"
+        try:
+            if not wait_for_broker(self.kafka, self.stop_, cfg.broker_wait_s):
+                return 0  # stopped while waiting
+        except BaseException:
+            if http is not None:
+                http.stop()
+            raise
+        self.status_ = "starting"
         partitions = self._topics()
         client = self.kafka.client_kwargs()
         max_request_bytes = max(cfg.max_message_bytes * 2, 1 << 20)

@@ -21,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from spacenet.stream.config import ServiceConfig
+from spacenet.stream.kafka_config import BrokerUnavailable
 
 log = logging.getLogger("spacenet.serve")
 
@@ -41,7 +42,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--metrics-host", dest="metrics_host", help="bind address (default 127.0.0.1)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any other setting")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="the service's own log (default INFO)")
+    p.add_argument(
+        "--kafka-log-level",
+        default="WARNING",
+        help="kafka-python's log (default WARNING; INFO shows every connection and rebalance)",
+    )
     return p.parse_args(list(argv))
 
 
@@ -63,6 +69,7 @@ def main(argv: Sequence[str]) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("kafka").setLevel(args.kafka_log_level.upper())
     try:
         cfg = load_config(args)
     except (OSError, ValueError) as e:
@@ -86,6 +93,9 @@ def main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         return int(runtime.run())
+    except BrokerUnavailable as e:  # a deadline the operator set: one line, no traceback
+        log.error("%s", e)
+        return 3
     except Exception as e:  # a clear line, a non-zero exit; the supervisor restarts us
         log.exception("service failed: %s", e)
         return 1

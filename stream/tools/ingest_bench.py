@@ -240,9 +240,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="spacenet ingest-bench",
         description="Measure our ingest path (decode, validate, TaskBuffer) against plain kafka-python.",
     )
-    p.add_argument(
-        "--bootstrap", help="host:port[,...] (default: $SPACENET_KAFKA_BOOTSTRAP, else 127.0.0.1:9092)"
-    )
+    p.add_argument("--bootstrap", help="host:port[,...] (default: $SPACENET_BOOTSTRAP, else 127.0.0.1:9092)")
     p.add_argument("--topic", help="a topic that does not exist yet (default: a fresh random name)")
     p.add_argument("--records", type=int, default=60_000, help="the first N split-MNIST training records")
     p.add_argument("--records-per-message", type=int, default=64)

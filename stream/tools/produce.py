@@ -369,9 +369,7 @@ def _parser() -> argparse.ArgumentParser:
         "--dataset", required=True, help="split_mnist, split_fmnist, or a .arrow/.feather/.parquet file"
     )
     p.add_argument("--topic", required=True)
-    p.add_argument(
-        "--bootstrap", help="host:port[,...] (default: $SPACENET_KAFKA_BOOTSTRAP, else 127.0.0.1:9092)"
-    )
+    p.add_argument("--bootstrap", help="host:port[,...] (default: $SPACENET_BOOTSTRAP, else 127.0.0.1:9092)")
     p.add_argument("--records-per-message", type=int, default=64)
     p.add_argument(
         "--markers", action="store_true", help="task-start/task-end headers on each task's messages"

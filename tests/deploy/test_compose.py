@@ -184,7 +184,7 @@ def test_kafka_is_one_kraft_node_that_the_clients_reach() -> None:
     listeners = dict(item.split("://") for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
     internal = listeners[env["KAFKA_INTER_BROKER_LISTENER_NAME"]]
     assert service("spacenet")["environment"]["SPACENET_BOOTSTRAP"] == internal == "kafka:9092"
-    assert service("producer")["environment"]["SPACENET_KAFKA_BOOTSTRAP"] == internal
+    assert service("producer")["environment"]["SPACENET_BOOTSTRAP"] == internal
     for svc in ("spacenet", "producer"):
         assert service(svc)["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert "healthcheck" in service("kafka")

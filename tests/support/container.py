@@ -19,13 +19,12 @@ import os
 import signal
 import subprocess
 import time
-import urllib.error
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tests.support import REPO_ROOT
-from tests.support.service import _OPENER, ServiceProcess, unique_name
+from tests.support.service import ServiceProcess, http_get, unique_name
 
 IMAGE = os.environ.get("SPACENET_IMAGE", "localhost/spacenet-stream:cpu")
 STATE_DIR = "/var/lib/spacenet"  # the image's SPACENET_STATE_DIR and VOLUME
@@ -54,13 +53,7 @@ def volume_path(volume: str) -> Path:
 
 def http_status(port: int, path: str) -> int | None:
     """The status of ``GET 127.0.0.1:port/path``; None while nothing answers."""
-    try:
-        with _OPENER.open(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
-    except OSError:
-        return None
+    return http_get(port, path)[0]
 
 
 class ContainerService(ServiceProcess):

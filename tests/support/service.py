@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 import warnings
@@ -460,6 +461,17 @@ def parse_metrics(text: str) -> Samples:
     return out
 
 
+def http_get(port: int, path: str) -> tuple[int | None, str]:
+    """``GET 127.0.0.1:port/path``: (status, body); (None, "") while nothing answers."""
+    try:
+        with _OPENER.open(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return int(resp.status), resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read().decode(errors="replace")
+    except OSError:
+        return None, ""
+
+
 class ServiceProcess:
     """``spacenet serve`` as a child process (its own session), with a log file and /metrics."""
 
@@ -483,6 +495,8 @@ class ServiceProcess:
         flags = ["--bootstrap", s.pop("bootstrap"), "--topic", s.pop("topic"), "--group", s.pop("group")]
         flags += ["--state-dir", s.pop("state_dir"), "--metrics-port", str(self.metrics_port)]
         sets = [part for name, value in s.items() for part in ("--set", f"{name}={value}")]
+        # kafka-python's INFO lines (group joins) are what wait_assigned() reads.
+        flags += ["--kafka-log-level", "INFO"]
         return [sys.executable, "-m", "spacenet.stream.cli", "serve", *flags, *sets]
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -107,7 +108,7 @@ def test_kafka_settings_from_env_and_redaction(tmp_path: Path) -> None:
     secret = tmp_path / "password"
     secret.write_text("hunter2-file\n")
     env = {
-        "SPACENET_KAFKA_BOOTSTRAP": "a:9093, b:9093",
+        "SPACENET_BOOTSTRAP": "a:9093, b:9093",
         "SPACENET_KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
         "SPACENET_KAFKA_SASL_MECHANISM": "scram-sha-256",
         "SPACENET_KAFKA_SASL_USERNAME": "svc",
@@ -323,3 +324,15 @@ def test_clear_errors_for_a_missing_dataset_and_an_unreachable_broker(
     pq.write_table(pa.table({"pixels": features.tolist(), "label": labels}), path)
     code, _, err = run_main(["--dataset", str(path), "--topic", "t", "--bootstrap", "127.0.0.1:9"], capsys)
     assert code == 2 and "needs columns 'features' and 'label'" in err
+
+
+def test_bootstrap_is_read_from_the_one_variable_serve_reads(caplog: pytest.LogCaptureFixture) -> None:
+    assert KafkaSettings.from_env(env={"SPACENET_BOOTSTRAP": "a:1"}).bootstrap == "a:1"
+    with caplog.at_level(logging.WARNING, logger="spacenet.stream.kafka_config"):
+        legacy = KafkaSettings.from_env(env={"SPACENET_KAFKA_BOOTSTRAP": "b:2"})
+        both = KafkaSettings.from_env(env={"SPACENET_BOOTSTRAP": "a:1", "SPACENET_KAFKA_BOOTSTRAP": "b:2"})
+    assert legacy.bootstrap == "b:2" and both.bootstrap == "a:1"
+    assert [r.getMessage().split(" is deprecated")[0] for r in caplog.records] == [
+        "SPACENET_KAFKA_BOOTSTRAP"
+    ] * 2
+    assert "SPACENET_BOOTSTRAP wins" in caplog.records[1].getMessage()
