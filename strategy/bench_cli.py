@@ -28,7 +28,7 @@ from tqdm import tqdm
 from spacenet.strategy.baselines import REGISTRY, TrainSettings, make_model, spacenet_kwargs
 from spacenet.strategy.bench import RunConfig, run_in_child
 from spacenet.strategy.bench_report import SCHEMA_VERSION, markdown, summarise, write_outputs
-from spacenet.strategy.benchmarks import BENCHMARKS
+from spacenet.strategy.benchmarks import BENCHMARKS, DatasetUnavailable, check_available
 
 DEFAULT_STRATEGIES = "spacenet,naive,ewc,si,lwf,replay"
 
@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         input_size=info.input_size,
         num_classes=info.num_classes,
     )
+    try:  # before anything is written: a run without its data would write only nulls
+        check_available(args.benchmark, args.data_root, verify=not args.no_verify)
+    except DatasetUnavailable as e:
+        print(f"spacenet bench: {e}", file=sys.stderr)
+        return 2
     plugin_kwargs = spacenet_kwargs(make_model(info), settings.n_experiences)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"settings": settings_block(args, settings), "strategies": {}}

@@ -25,6 +25,7 @@ synthetic CIFAR), never for real data.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -133,6 +134,27 @@ def load_images(
         images = torch.from_numpy(np.ascontiguousarray(cifar.data.transpose(0, 3, 1, 2)))
         labels = torch.as_tensor(cifar.targets, dtype=torch.long)
     return images, labels
+
+
+class DatasetUnavailable(RuntimeError):
+    """A benchmark's files are neither under the data root nor downloadable."""
+
+
+def check_available(name: str, root: str | os.PathLike[str] | None = None, verify: bool = True) -> Path:
+    """The data root once both splits of benchmark ``name`` load (downloading what torchvision
+    can); ``DatasetUnavailable`` naming the benchmark, the root and the cause otherwise."""
+    info = BENCHMARKS[name]
+    data_root = prepare_dataset(info.folder, root)
+    for train in (True, False):
+        try:
+            load_images(info, train, data_root, verify=verify)
+        except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
+            raise DatasetUnavailable(
+                f"cannot load {name} ({'train' if train else 'test'} split) under {data_root}: "
+                f"{type(e).__name__}: {e}. Offline, put torchvision's files for {info.folder} there "
+                "(or point --data-root / SPACENET_DATA at a folder that has them)"
+            ) from e
+    return data_root
 
 
 def first_per_class(labels: Tensor, n: int, classes: Sequence[int]) -> Tensor:

@@ -21,6 +21,7 @@ from spacenet.strategy.baselines import (
 )
 from spacenet.strategy.cl_metrics import AccuracyMatrix
 from spacenet.strategy.models import SmallCNN, SpaceNetMLP
+from spacenet.stream.observability.http import free_port
 from tests.strategy.test_benchmarks import write_synthetic_cifar10
 
 REQUIRED_STRATEGY_KEYS = {
@@ -263,13 +264,15 @@ def test_bench_small_cnn_on_synthetic_cifar10(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_failed_run_is_recorded_and_the_exit_code_says_so(tmp_path: Path) -> None:
+    """The data loads (so the bench starts) but has no test images: the run itself fails."""
+    root = write_synthetic_cifar10(tmp_path / "data", train_per_class=4, test_per_class=0)
     out = tmp_path / "out"
     argv = ["--benchmark", "split_cifar10", "--strategies", "naive", "--seeds", "0", "--out", str(out),
-            "--data-root", str(tmp_path / "empty"), "--no-verify", "--no-progress"]  # fmt: skip
+            "--data-root", str(root), "--no-verify", "--no-progress"]  # fmt: skip
     assert bench_cli.main(argv) == 1
     entry = json.loads((out / "results.json").read_text())["strategies"]["naive"]
     assert entry["seeds"] == [] and entry["final_accuracy_mean"] is None
-    assert "Dataset not found" in entry["errors"][0]["error"]
+    assert entry["errors"][0]["error"]
     assert "Failed runs:" in (out / "results.md").read_text()
 
 
@@ -297,3 +300,19 @@ def test_spacenet_2x_doubles_the_hidden_budgets_only() -> None:
     strategy = build_strategy("spacenet_2x", SpaceNetMLP(), TrainSettings(), seed=0)
     plugin = next(p for p in strategy.plugins if type(p).__name__ == "SpaceNetPlugin")
     assert tuple(plugin.spacenet.connections) == (20000, 3280, 80)
+
+
+def test_bench_without_its_dataset_fails_fast_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Offline (every download goes to a proxy nobody listens on), CIFAR-10 is not there."""
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("SPACENET_DATA_SEED", str(tmp_path / "no-mirror"))
+    out = tmp_path / "out"
+    argv = ["--benchmark", "split_cifar10", "--strategies", "naive", "--seeds", "0", "--out", str(out)]
+    code = bench_cli.main([*argv, "--data-root", str(tmp_path / "data"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert err.startswith("spacenet bench: cannot load split_cifar10 (train split) under ")
+    assert "Traceback" not in err
