@@ -251,6 +251,12 @@ class StreamUnit:
         self.learner.load_state_dict(state["learner"])
         self.detector.load_state_dict(json.loads(state["detector"]))
         self.detector.restart_clock(time.monotonic())  # the clock of another process
+        # The open task, else the last one: what spacenet_current_task read before the restart.
+        task = self.detector.current_task_
+        if task is None and self.detector.task_classes_:
+            task = max(self.detector.task_classes_)
+        if task is not None:
+            self.m.set_current_task(self.stream, task)
         self.ingest.positions_ = {int(p): int(o) for p, o in state["positions"].items()}
         self.ingest.pending.load_state_dict(state)
         self.buffer.load_state_dict(state)
