@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("spacenet.stream.tools.demo", "run the whole pipeline locally: broker, producer, service"),
     "serve": ("spacenet.stream.serve", "the streaming service: learn from Kafka, serve predictions"),
     "produce": ("spacenet.stream.tools.produce", "publish a dataset to Kafka as a class-incremental stream"),
+    "predict": ("spacenet.stream.tools.ask", "ask a running service for predictions (table or JSON lines)"),
     "bench": ("spacenet.strategy.bench_cli", "reproduce the paper's benchmarks beside Avalanche baselines"),
     "ingest-bench": (
         "spacenet.stream.tools.ingest_bench",

@@ -263,16 +263,22 @@ def make_producer(settings: KafkaSettings, max_block_ms: int = 10_000) -> Any:
 
 # ---- inputs ------------------------------------------------------------------------------
 def load_dataset(
-    dataset: str, *, train: bool = True, data_root: str | None = None, shape: Sequence[int] | None = None
+    dataset: str,
+    *,
+    train: bool = True,
+    data_root: str | None = None,
+    shape: Sequence[int] | None = None,
+    require_label: bool = True,
 ) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64], list[int]]:
-    """``(features (N, *shape), labels, default class order)`` of a named dataset or a file."""
+    """``(features (N, *shape), labels, default class order)`` of a named dataset or a file;
+    a file without a ``label`` column gives labels of -1 when ``require_label`` is False."""
     if dataset in DATASETS:
         return _load_torchvision(DATASETS[dataset], train, data_root)
     path = Path(dataset)
     if not path.is_file():
         names = ", ".join(DATASETS)
         raise DatasetError(f"no dataset {dataset!r}: not one of {names} and no such file")
-    return _load_table(path, shape)
+    return _load_table(path, shape, require_label)
 
 
 def _load_torchvision(name: str, train: bool, data_root: str | None) -> tuple[Any, Any, list[int]]:
@@ -290,7 +296,9 @@ def _load_torchvision(name: str, train: bool, data_root: str | None) -> tuple[An
     return images, labels, sorted(np.unique(labels).tolist())
 
 
-def _load_table(path: Path, shape: Sequence[int] | None) -> tuple[Any, Any, list[int]]:
+def _load_table(
+    path: Path, shape: Sequence[int] | None, require_label: bool = True
+) -> tuple[Any, Any, list[int]]:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -305,6 +313,8 @@ def _load_table(path: Path, shape: Sequence[int] | None) -> tuple[Any, Any, list
                 table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
     except (pa.ArrowException, OSError) as e:
         raise DatasetError(f"{path}: not a readable Arrow IPC or Parquet file ({e})") from e
+    if not require_label and "label" not in table.column_names:
+        table = table.append_column("label", pa.array(np.full(len(table), -1, np.int64)))
     if "features" not in table.column_names or "label" not in table.column_names:
         raise DatasetError(f"{path}: needs columns 'features' and 'label', has {table.column_names}")
     column = table.column("features").combine_chunks()
