@@ -81,7 +81,9 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
 
     def capacity(self) -> CapacityReport:
         if self.model_ is None:
-            raise RuntimeError("the plugin has not seen a model yet")
+            raise RuntimeError(
+                "the plugin has not seen a model yet: attach(model) first (a loaded state applies then)"
+            )
         return self.spacenet.capacity()
 
     # ------------------------------------------------------------- training
