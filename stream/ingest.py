@@ -160,8 +160,8 @@ class Ingest:
             kind = event.kind
             if kind == EventKind.OPENED:
                 self._ensure_open(int(event.task))  # type: ignore[arg-type]
-                self.m.boundary(event.reason.value if event.reason else "new_class")
-                self.m.set_current_task(self.stream, int(event.task))  # type: ignore[arg-type]
+                reason = event.reason.value if event.reason else "new_class"
+                self.m.task_opened(self.stream, int(event.task), reason)  # type: ignore[arg-type]
                 log.info("stream %s: task %s opened (%s)", self.stream, event.task, event.reason)
             elif kind == EventKind.RELEASED:
                 recs = self.pending.take(event.seqs)

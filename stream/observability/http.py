@@ -68,6 +68,19 @@ def _text(start_response: StartResponse, code: HTTPStatus, body: str) -> list[by
     return [data]
 
 
+def _html(start_response: StartResponse, body: str) -> list[bytes]:
+    data = body.encode()
+    start_response(
+        _status(HTTPStatus.OK),
+        [
+            ("Content-Type", "text/html; charset=utf-8"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
+    return [data]
+
+
 def _always_healthy() -> bool:
     return True
 
@@ -90,8 +103,10 @@ class MetricsServer:
         port: int = 0,
         health: Callable[[], bool] = _always_healthy,
         ready: Callable[[], tuple[bool, str]] = _always_ready,
+        status: Callable[[], str] | None = None,
     ) -> None:
         self.registry = registry
+        self.status = status  # the HTML page at / (a plain index without it)
         self.host = host
         self.port = port
         self.health = health
@@ -149,7 +164,9 @@ class MetricsServer:
         if path == "/readyz":
             return self._check(start_response, self.ready)
         if path == "/":
-            return _text(start_response, HTTPStatus.OK, "SpaceNet-Stream: /metrics /healthz /readyz")
+            if self.status is None:
+                return _text(start_response, HTTPStatus.OK, "SpaceNet-Stream: /metrics /healthz /readyz")
+            return _html(start_response, self.status())
         return _text(start_response, HTTPStatus.NOT_FOUND, f"not found: {path}")
 
     @staticmethod

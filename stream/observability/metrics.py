@@ -30,10 +30,12 @@ never reads as zero. Reference: ``docs/metrics.md``.
 
 from __future__ import annotations
 
+import collections
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -42,6 +44,19 @@ from spacenet.stream.boundary import Reason
 from spacenet.stream.wire import RejectReason
 
 OTHER = "other"
+RECENT_BOUNDARIES = 20  # task openings the status page lists
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A task that opened: when (epoch seconds), on which stream, its id and why."""
+
+    at: float
+    stream: str
+    task: int
+    reason: str
+
+
 DEFAULT_REJECT_REASONS: tuple[str, ...] = tuple(r.value for r in RejectReason)
 DEFAULT_BOUNDARY_REASONS: tuple[str, ...] = tuple(
     r.value for r in (Reason.MARKER, Reason.NEW_CLASS, Reason.NEXT_TASK, Reason.TIMEOUT, Reason.RECORD_LIMIT)
@@ -198,6 +213,7 @@ class ServiceMetrics:
         )
         self.known_classes = g("spacenet_known_classes", "Classes the stream's model has learned.", "stream")
         self.boundaries = c("spacenet_task_boundaries_total", "Task boundary events by reason.", "reason")
+        self.recent_boundaries: collections.deque[Boundary] = collections.deque(maxlen=RECENT_BOUNDARIES)
         self.disagreements = c("spacenet_boundary_disagreements_total", "Markers and detection disagreed.")
         # training
         self.training_seconds = h(
@@ -368,6 +384,13 @@ class ServiceMetrics:
 
     def set_current_task(self, stream: str, task: int) -> None:
         self.current_task.labels(stream).set(task)
+
+    def task_opened(self, stream: str, task: int, reason: str) -> None:
+        """A task opened: its boundary counted, the stream's current task, and the event
+        kept among the last few for the status page (``recent_boundaries``)."""
+        self.boundary(reason)
+        self.set_current_task(stream, task)
+        self.recent_boundaries.appendleft(Boundary(time.time(), stream, task, reason))
 
     def set_known_classes(self, stream: str, classes: int) -> None:
         self.known_classes.labels(stream).set(classes)

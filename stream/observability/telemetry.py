@@ -21,8 +21,16 @@ from spacenet.strategy.spacenet import SpaceNet
 from spacenet.stream.observability.http import MetricsServer
 from spacenet.stream.observability.metrics import DEFAULT_DEAD_LETTER_REASONS, ServiceMetrics
 from spacenet.stream.observability.metrics_collector import AccuracySource, ModelState, ModelStateCollector
+from spacenet.stream.observability.status_page import StatusView, StreamView, render
 
 DEAD_LETTER_REASONS = (*DEFAULT_DEAD_LETTER_REASONS, "unconfirmed_class")
+# The registry's families the status page reads (prometheus_client names counters without _total).
+STATUS_FAMILIES = (
+    "spacenet_current_task",
+    "spacenet_model_version",
+    "spacenet_dead_letter_messages",
+    "spacenet_messages_rejected",
+)
 
 
 class Telemetry:
@@ -38,6 +46,7 @@ class Telemetry:
         checkpoint_max_age_s: float = 7200.0,
     ) -> None:
         self.registry = registry
+        self.device = device if not device_name else f"{device} ({device_name})"
         self.metrics = ServiceMetrics(
             registry,
             layers=layers,
@@ -90,13 +99,53 @@ class Telemetry:
                 position = consumer.position(tp)
             self.metrics.lag(tp.topic, tp.partition, max(0, int(ends[tp]) - int(position)))
 
+    def status_view(self) -> StatusView:
+        """What the status page at ``/`` shows: the streams' snapshots and the registry's series."""
+        samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        for family in self.registry.collect():
+            if family.name in STATUS_FAMILIES:
+                for s in family.samples:
+                    if s.name == family.name or s.name == family.name + "_total":
+                        samples.setdefault(family.name, {})[tuple(sorted(s.labels.items()))] = s.value
+
+        def by(family: str, label: str) -> dict[str, float]:
+            return {dict(k)[label]: v for k, v in samples.get(family, {}).items() if label in dict(k)}
+
+        tasks, versions = by("spacenet_current_task", "stream"), by("spacenet_model_version", "stream")
+        states = self.states_
+        streams = {
+            s: StreamView(
+                states.get(s),
+                int(tasks[s]) if s in tasks else None,
+                max(int(versions.get(s, 0)), states[s].model_version if s in states else 0),
+            )
+            for s in sorted({*states, *versions, *tasks})
+        }
+        counters = {
+            f: by(f, "reason") for f in ("spacenet_dead_letter_messages", "spacenet_messages_rejected")
+        }
+        return StatusView(
+            streams=streams,
+            counters={f"{f}_total": v for f, v in counters.items()},
+            boundaries=tuple(self.metrics.recent_boundaries),
+            device=self.device,
+        )
+
     def serve_http(
         self, host: str, port: int, ready: Callable[[], tuple[bool, str]], health: Callable[[], bool]
     ) -> MetricsServer | None:
-        """Start ``/metrics``, ``/healthz``, ``/readyz`` unless ``port`` is negative."""
+        """Start ``/`` (the status page), ``/metrics``, ``/healthz``, ``/readyz`` unless ``port``
+        is negative."""
         if port < 0:
             return None
-        server = MetricsServer(self.registry, host=host, port=port, health=health, ready=ready)
+        server = MetricsServer(
+            self.registry,
+            host=host,
+            port=port,
+            health=health,
+            ready=ready,
+            status=lambda: render(self.status_view()),
+        )
         server.start()
         return server
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ from tests.support.service import (
     TopicFollower,
     chunk,
     create_topics,
+    http_get,
     make_producer,
     models_topic,
     send_all,
@@ -272,3 +276,31 @@ def test_free_neurons_fall_after_each_task(observed: Observed) -> None:
         assert values[0] == observed.free_before[layer]
         assert values[-1] == free[-1][layer], (layer, raw[layer][-5:], end)
         assert all(a >= b for a, b in itertools.pairwise(values)), (layer, values)
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
+    browser = shutil.which("chromium")
+    assert browser, "Debian's chromium is missing: scripts/system-deps.sh installs it"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1000,1300"]
+    return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_the_status_page_in_a_real_browser(observed: Observed, tmp_path: Path) -> None:
+    """The page of a service that learned three tasks, rendered by headless Chromium.
+    SPACENET_STATUS_SCREENSHOT=docs/status-page.png keeps the screenshot (the README shows it)."""
+    import matplotlib.image
+
+    url = f"http://127.0.0.1:{observed.service.metrics_port}/"
+    status, page = http_get(observed.service.metrics_port, "/")
+    assert status == 200 and "<title>SpaceNet-Stream</title>" in page
+    dom = _chromium("--dump-dom", url).stdout
+    assert "model version<b>3</b>" in dom and "tasks learned<b>3</b>" in dom and "current task<b>2</b>" in dom
+    assert dom.count('<td class="h"') == 9  # the 3 x 3 accuracy matrix as a heat map
+    assert dom.count("opened</td>") == 3 and "<th>undecodable</th><td>1</td>" in dom
+    shot = tmp_path / "status.png"
+    _chromium(f"--screenshot={shot}", url)
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (1300, 1000) and float(pixels[..., :3].std()) > 0.05  # not a blank page
+    keep = os.environ.get("SPACENET_STATUS_SCREENSHOT")
+    if keep:
+        shutil.copyfile(shot, keep)
