@@ -166,7 +166,12 @@ class MetricsServer:
         if path == "/":
             if self.status is None:
                 return _text(start_response, HTTPStatus.OK, "SpaceNet-Stream: /metrics /healthz /readyz")
-            return _html(start_response, self.status())
+            try:
+                page = self.status()
+            except Exception as e:  # a broken page must not take the endpoints down
+                log.warning("status page failed", exc_info=True)
+                return _text(start_response, HTTPStatus.INTERNAL_SERVER_ERROR, f"status page failed: {e!r}")
+            return _html(start_response, page)
         return _text(start_response, HTTPStatus.NOT_FOUND, f"not found: {path}")
 
     @staticmethod

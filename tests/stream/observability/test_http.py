@@ -119,3 +119,16 @@ def test_stop_releases_the_port_and_thread() -> None:
 def test_binds_loopback_by_default() -> None:
     with MetricsServer(CollectorRegistry()) as server:
         assert server.host == "127.0.0.1"
+
+
+def test_the_status_page_is_html_and_a_failing_one_leaves_the_endpoints_up() -> None:
+    pages = iter(["<!doctype html><title>ok</title>"])
+    with MetricsServer(CollectorRegistry(), status=lambda: next(pages)) as server:
+        status, ctype, headers, body = get(server.url + "/")
+        assert (status, ctype, body) == (200, "text/html", b"<!doctype html><title>ok</title>")
+        assert headers["Cache-Control"] == "no-store"
+        status, ctype, _, body = get(server.url + "/")  # the iterator is spent: the page raises
+        assert (status, ctype) == (500, "text/plain") and body.startswith(
+            b"status page failed: StopIteration"
+        )
+        assert get(server.url + "/healthz")[0] == 200 and get(server.url + "/metrics")[0] == 200
