@@ -81,6 +81,11 @@ class ServiceConfig:
     max_buffer_bytes: int = 256 << 20
     holdout_fraction: float = 0.1
     holdout_max_per_task: int = 1000
+    # Prequential accuracy and drift (monitoring only; stream/prequential.py)
+    prequential_every: int = 256  # score records of every Nth message (by offset); 0: off
+    prequential_sample: int = 32  # at most this many records of such a message
+    prequential_window: int = 500  # scored records the accuracy is over
+    drift_threshold: float = 25.0  # Page-Hinkley lambda on the error indicator
     # Wire limits
     max_message_bytes: int = 8 << 20
     max_records_per_message: int = 10_000

@@ -35,7 +35,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,9 @@ class Ingest:
         self.dead_letters = dead_letters
         self.dtype = np.dtype(dtype)
         self.positions_ = {}
+        # Called with (offset, features, labels) of each labelled data message as it is
+        # decoded, before its records are routed (the prequential score: StreamUnit).
+        self.on_labeled: Callable[[int, npt.NDArray[Any], npt.NDArray[np.int64]], None] | None = None
         self._stash: list[tuple[npt.NDArray[Any], npt.NDArray[np.int64], int, int]] = []
         self._stash_bytes = 0
 
@@ -199,7 +202,10 @@ class Ingest:
                 raise wire.WireError(wire.RejectReason.DTYPE, f"this service is configured for {self.dtype}")
         except wire.WireError as e:
             return e, time.perf_counter() - t0
-        return decoded, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if self.on_labeled is not None and decoded.labels is not None and decoded.num_records:
+            self.on_labeled(msg.offset, decoded.values, decoded.labels)
+        return decoded, seconds
 
     def _all_train(
         self, chunk: list[Any], decoded: list[tuple[wire.Decoded | wire.WireError, float]]

@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
@@ -114,6 +116,15 @@ class Predictor:
         self.version = version
         self.task_inference = task_inference
         self.known = units_to_labels >= 0
+
+    @property
+    def known_labels(self) -> npt.NDArray[np.int64]:
+        """The labels this model can predict (the classes it has learned)."""
+        return self.units_to_labels[self.known].cpu().numpy()
+
+    def predict_labels(self, features: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+        """``predict`` on a NumPy batch, labels only."""
+        return self.predict(torch.from_numpy(features)).labels.numpy()
 
     @torch.no_grad()
     def predict(self, features: Tensor) -> Prediction:

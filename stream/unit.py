@@ -66,6 +66,7 @@ from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.ingest import Closed, Ingest
 from spacenet.stream.learner import Learner, Predictor, TrainingAbandoned
 from spacenet.stream.observability.telemetry import Telemetry
+from spacenet.stream.prequential import PageHinkley, Prequential
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = 1
@@ -111,6 +112,14 @@ class StreamUnit:
         spill = state_path(cfg) / f"spill/partition-{partition}"
         self.ingest = Ingest.from_config(cfg, self.m, dead_letters, spill, self.stream)
         self.detector, self.buffer = self.ingest.detector, self.ingest.buffer
+        if cfg.prequential_every > 0:  # monitoring only, not checkpointed
+            self.prequential = Prequential(
+                cfg.prequential_window,
+                PageHinkley(threshold=cfg.drift_threshold),
+                cfg.prequential_every,
+                cfg.prequential_sample,
+            )
+            self.ingest.on_labeled = self._score
         self.accuracy_ = AccuracyMatrix()
         self.task_inference_accuracy_: float | None = None  # of the newest model (option on)
         self.model_version_ = self.steps_ = 0
@@ -137,6 +146,14 @@ class StreamUnit:
     def restart_clock(self, now: float) -> None:
         """Idle time counts from ``now`` (after a pause the stream did not cause)."""
         self.detector.restart_clock(now)
+
+    def _score(self, offset: int, features: Any, labels: Any) -> None:
+        """Prequential score of a labelled message by the served model, before it is learned."""
+        if self.predictor_ is None:
+            return
+        scored, drifts = self.prequential.offer(offset, features, labels, self.predictor_)
+        if scored:
+            self.m.prequential(self.stream, scored, self.prequential.accuracy, drifts)
 
     # ---------------------------------------------------------------- training
     def train(self, closed: Closed) -> TaskResult:

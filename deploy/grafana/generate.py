@@ -273,6 +273,17 @@ LEARNING = Row(
             **PERCENT,
         ),
         graph(
+            "Prequential accuracy and drifts",
+            per_stream("spacenet_prequential_accuracy_ratio", "avg", "stream {{stream}}: prequential"),
+            q(
+                f"sum by (stream) (increase(spacenet_accuracy_drift_total{STREAM}[1h]))",
+                "stream {{stream}}: drifts in the last hour",
+            ),
+            description="Accuracy of the served model on arriving records of classes it has learned, "
+            "scored before they are learned (test-then-train, a sample of them), and the drifts a "
+            "Page-Hinkley test found in it (alert SpaceNetAccuracyDrift). Monitoring only.",
+        ),
+        graph(
             "Accuracy per task",
             q(
                 f"max by (stream, task) (spacenet_task_accuracy_ratio{STREAM})",

@@ -214,6 +214,21 @@ class ServiceMetrics:
         self.known_classes = g("spacenet_known_classes", "Classes the stream's model has learned.", "stream")
         self.boundaries = c("spacenet_task_boundaries_total", "Task boundary events by reason.", "reason")
         self.recent_boundaries: collections.deque[Boundary] = collections.deque(maxlen=RECENT_BOUNDARIES)
+        self.prequential_records = c(
+            "spacenet_prequential_records_total",
+            "Arriving records of known classes scored by the served model before being learned.",
+            "stream",
+        )
+        self.prequential_accuracy = g(
+            "spacenet_prequential_accuracy_ratio",
+            "Accuracy of the served model on the last prequential_window scored arriving records.",
+            "stream",
+        )
+        self.accuracy_drifts = c(
+            "spacenet_accuracy_drift_total",
+            "Lasting rises of the prequential error rate (Page-Hinkley); monitoring only.",
+            "stream",
+        )
         self.disagreements = c("spacenet_boundary_disagreements_total", "Markers and detection disagreed.")
         # training
         self.training_seconds = h(
@@ -364,6 +379,9 @@ class ServiceMetrics:
             self.last_checkpoint,
             self.checkpoint_bytes,
             self.uncheckpointed,
+            self.prequential_records,
+            self.prequential_accuracy,
+            self.accuracy_drifts,
         ):
             with suppress(KeyError):
                 gauge.remove(stream)
@@ -384,6 +402,14 @@ class ServiceMetrics:
 
     def set_current_task(self, stream: str, task: int) -> None:
         self.current_task.labels(stream).set(task)
+
+    def prequential(self, stream: str, scored: int, accuracy: float | None, drifts: int) -> None:
+        """Records of known classes scored before they were learned, the windowed accuracy,
+        and drifts the test found (``stream/prequential.py``)."""
+        self.prequential_records.labels(stream).inc(scored)
+        if accuracy is not None:
+            self.prequential_accuracy.labels(stream).set(accuracy)
+        self.accuracy_drifts.labels(stream).inc(drifts)
 
     def task_opened(self, stream: str, task: int, reason: str) -> None:
         """A task opened: its boundary counted, the stream's current task, and the event

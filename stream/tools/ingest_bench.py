@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from prometheus_client import CollectorRegistry
 
 from spacenet.strategy.rss import peak_rss_bytes, reset_peak_rss, rss_bytes
@@ -53,7 +54,9 @@ from spacenet.stream.config import ServiceConfig
 from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.ingest import Ingest
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics, training_consumer_options
+from spacenet.stream.learner import Predictor, build_model
 from spacenet.stream.observability.metrics import ServiceMetrics
+from spacenet.stream.prequential import Prequential
 from spacenet.stream.tools.produce import (
     TOPIC_CONFIGS,
     DatasetError,
@@ -111,18 +114,40 @@ class PlainSink:
 class IngestSink:
     """Our path: the service's own ``Ingest`` (decode and validate every message, detect task
     boundaries, route records into a ``TaskBuffer``), configured as ``spacenet serve`` is by
-    default. Where the service would train on a closed task, the sink lets ``Ingest`` go on,
-    which clears the buffer."""
+    default, with its prequential score (``StreamUnit`` scores a sample of the labelled
+    records with the served model before they are learned): here by a model of the
+    service's shape that knows every class, so every sampled record costs a prediction.
+    Where the service would train on a closed task, the sink lets ``Ingest`` go on, which
+    clears the buffer."""
 
-    def __init__(self, topic: str, spill_dir: str, max_memory_bytes: int) -> None:
-        cfg = replace(_SERVICE, topic=topic, max_buffer_bytes=max_memory_bytes)
+    def __init__(
+        self,
+        topic: str,
+        spill_dir: str,
+        max_memory_bytes: int,
+        prequential_every: int = _SERVICE.prequential_every,
+        scorer: Predictor | None = None,
+    ) -> None:
+        cfg = replace(
+            _SERVICE, topic=topic, max_buffer_bytes=max_memory_bytes, prequential_every=prequential_every
+        )
         self.registry = CollectorRegistry()
         metrics = ServiceMetrics(self.registry)
         dead_letters = DeadLetters(self._reject, cfg.dead_letter_topic, metrics)
         self.ingest = Ingest.from_config(cfg, metrics, dead_letters, Path(spill_dir), stream="0")
+        self.prequential = Prequential(every=max(cfg.prequential_every, 1), sample=cfg.prequential_sample)
+        # One served model per process, as in the service: ``measure`` passes the same one to every run.
+        self.scorer = scorer or Predictor(
+            build_model(cfg), torch.arange(cfg.num_outputs), None, {}, version=0
+        )
+        if cfg.prequential_every > 0:
+            self.ingest.on_labeled = self._score
         self.backlog: collections.deque[Any] = collections.deque()
         self.messages = self.bytes = self.rejected = 0
         self.closed: list[tuple[int, tuple[int, ...]]] = []
+
+    def _score(self, offset: int, features: Any, labels: Any) -> None:
+        self.prequential.offer(offset, features, labels, self.scorer)
 
     def _reject(self, topic: str, **message: Any) -> None:
         self.rejected += 1  # the service sends these to the dead-letter topic
@@ -189,14 +214,18 @@ def measure(
     repeats: int,
     max_memory_bytes: int,
     config: dict[str, Any] = CONSUMER_CONFIG,
+    prequential_every: int = _SERVICE.prequential_every,
 ) -> dict[str, list[Run]]:
     """``repeats`` timed runs of each path after one untimed warm-up run of each."""
     runs: dict[str, list[Run]] = {"plain": [], "ours": []}
+    scorer = Predictor(build_model(_SERVICE), torch.arange(_SERVICE.num_outputs), None, {}, version=0)
     with tempfile.TemporaryDirectory(prefix="spacenet-ingest-bench-") as spill:
 
         def one(path: str) -> Run:
             sink: PlainSink | IngestSink = (
-                PlainSink(records) if path == "plain" else IngestSink(topic, spill, max_memory_bytes)
+                PlainSink(records)
+                if path == "plain"
+                else IngestSink(topic, spill, max_memory_bytes, prequential_every, scorer)
             )
             gc.collect()
             resettable = reset_peak_rss()
@@ -208,6 +237,8 @@ def measure(
                     raise RuntimeError(
                         f"ours read {sink.records} of {records} records, {sink.rejected} rejected"
                     )
+                if sink.ingest.on_labeled is not None and not sink.prequential.scored:
+                    raise RuntimeError("ours scored no record prequentially: the comparison would flatter it")
                 sink.ingest.buffer.clear()
             return Run(path, seconds, cpu_seconds, sink.messages, sink.records, sink.bytes, rss_start, peak)
 
@@ -254,6 +285,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--data-root", help="dataset root (default: $SPACENET_DATA or the user cache)")
     p.add_argument("--max-memory-mb", type=float, default=256, help="TaskBuffer memory before it spills")
+    p.add_argument(
+        "--prequential-every",
+        type=int,
+        default=_SERVICE.prequential_every,
+        help="ours scores a sample of every Nth message as the service does (0: off; default: the service's)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to reach the broker")
     p.add_argument(
         "--check-crcs",
@@ -307,7 +344,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     del features, labels
     print(produced.describe())
     config = {**CONSUMER_CONFIG, "check_crcs": args.check_crcs}
-    runs = measure(settings, topic, produced.records, args.repeats, int(args.max_memory_mb * 2**20), config)
+    runs = measure(
+        settings,
+        topic,
+        produced.records,
+        args.repeats,
+        int(args.max_memory_mb * 2**20),
+        config,
+        args.prequential_every,
+    )
     report = _report(args, settings, topic, produced, config, runs)
     print(_table(report))
     if args.out:
@@ -338,6 +383,7 @@ def _report(
         "bytes": produced.bytes,
         "records_per_message": args.records_per_message,
         "repeats": args.repeats,
+        "prequential_every": args.prequential_every,  # ours scores a sample as the service does (0: off)
         "produce_seconds": produced.seconds,
         "consumer_config": {  # both loops; an assignor by its protocol name
             k: [a.name for a in v] if k == "partition_assignment_strategy" else v for k, v in config.items()

@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "rules" / "spacenet.yml"
 TASKS = [[0, 1], [2, 3], [4, 5]]
 PER_CLASS = 120
+LATE = 100  # records of task 0's classes after the last task opened: known to the served model
 # The dashboard selects job="spacenet" (as deploy/prometheus/prometheus.yml names it).
 JOB = "spacenet"
 
@@ -103,6 +104,8 @@ class Observed:
 def _stream() -> list[Message]:
     rng = np.random.default_rng(11)
     labels = np.concatenate([shuffled_task(c, PER_CLASS, rng) for c in TASKS])
+    # Late records of learned classes, so the prequential score (test-then-train) has some.
+    labels = np.concatenate([labels, shuffled_task(TASKS[0], LATE // 2, rng)])
     messages = chunk(synthetic_images(labels, seed=11), labels)
     # One undecodable message, so the reject ratio and dead-letter series move off 0.
     return [*messages[:3], Message(b"not arrow", b"bad", kind="undecodable"), *messages[3:]]
@@ -114,7 +117,10 @@ def observed(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
     topic = unique_name("observed")
     create_topics(kafka_bootstrap, topic)
     # With the task inference on, so that its series (and its dashboard panel) have data too.
-    settings = service_settings(topic, kafka_bootstrap, work / "state", task_inference="true")
+    # Every message's sample prequentially scored, so the few late records are.
+    settings = service_settings(
+        topic, kafka_bootstrap, work / "state", task_inference="true", prequential_every=1
+    )
     producer = make_producer(kafka_bootstrap)
     prom: PrometheusServer | None = None
     started_at = time.time()
@@ -224,8 +230,12 @@ def test_values_are_sane(observed: Observed) -> None:
     assert len(observed.values("max by (trained_through, task) (spacenet_accuracy_matrix_ratio)")) == 6
     assert observed.one("sum(spacenet_messages_rejected_total)") == 1
     assert observed.one('sum(spacenet_dead_letter_messages_total{reason="undecodable"})') == 1
-    records = 3 * 2 * PER_CLASS
+    records = 3 * 2 * PER_CLASS + LATE
     assert observed.one("sum(spacenet_records_consumed_total)") == records
+    # Late records of known classes, scored before being learned: a sample of them, all right.
+    assert 0 < observed.one("sum(spacenet_prequential_records_total)") <= LATE
+    assert observed.one("max(spacenet_prequential_accuracy_ratio)") == 1.0
+    assert observed.one("sum(spacenet_accuracy_drift_total)") == 0
     assert observed.one("sum(spacenet_predicted_records_total)") == 60
     age = observed.one("time() - max(spacenet_last_checkpoint_timestamp_seconds > 0)")
     assert 0 <= age <= time.time() - observed.started_at
