@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -42,11 +43,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--metrics-host", dest="metrics_host", help="bind address (default 127.0.0.1)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any other setting")
-    p.add_argument("--log-level", default="INFO", help="the service's own log (default INFO)")
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("SPACENET_LOG_LEVEL", "INFO"),
+        help="the service's own log (default $SPACENET_LOG_LEVEL, else INFO)",
+    )
     p.add_argument(
         "--kafka-log-level",
-        default="WARNING",
-        help="kafka-python's log (default WARNING; INFO shows every connection and rebalance)",
+        default=os.environ.get("SPACENET_KAFKA_LOG_LEVEL", "WARNING"),
+        help="kafka-python's log (default $SPACENET_KAFKA_LOG_LEVEL, else WARNING; INFO shows every "
+        "connection and rebalance)",
     )
     return p.parse_args(list(argv))
 

@@ -166,7 +166,7 @@ def test_image_learns_stops_cleanly_and_resumes_from_its_volume(
             assert (http_status(port, "/healthz"), http_status(port, "/readyz")) == (200, 200)
             assert podman("healthcheck", "run", first.name).returncode == 0
             metrics = first.metrics()
-            assert value(metrics, "spacenet_model_version") == 3
+            assert value(metrics, "spacenet_model_version", stream="0") == 3
             consumed = value(metrics, "spacenet_records_consumed_total", topic=topic, partition="0")
             assert consumed == len(TASKS) * 2 * PER_CLASS
             assert value(metrics, "spacenet_device_info", device="cpu", name="") == 1
@@ -179,10 +179,12 @@ def test_image_learns_stops_cleanly_and_resumes_from_its_volume(
             assert first.stop() == 0, first.log_tail()
         finally:
             first.remove()
-        assert "stopped; last checkpoint is model version 3" in first.log_tail(200)
-        found = CheckpointStore(volume_path(volume) / "checkpoints").latest()
+        assert "stream 0: published model version 3" in first.log_tail(200)
+        assert "signal 15: stopping" in first.log_tail(200)
+        # The state dir caches each stream's checkpoints (the changelog topic is the record).
+        found = CheckpointStore(volume_path(volume) / "checkpoints" / "partition-0").latest()
         assert found is not None and found[0] == 3
-        checkpoint_file = volume_path(volume) / "checkpoints" / "ckpt-00000003.pt"
+        checkpoint_file = volume_path(volume) / "checkpoints" / "partition-0" / "ckpt-00000003.pt"
         assert checkpoint_file.stat().st_uid == int(UID)
         position = int(found[1]["positions"]["0"])
         assert committed_offset(kafka_bootstrap, settings["group"], topic) == position > 0
@@ -190,13 +192,14 @@ def test_image_learns_stops_cleanly_and_resumes_from_its_volume(
         # ---- 4: a new container on the same volume resumes there, without retraining
         second = start_assigned(lambda: ContainerService(settings, tmp_path / "serve-2.log", volume))
         try:
-            assert f"resumed from checkpoint 3 at positions {{0: {position}}}" in second.log_tail(500)
-            assert "were not committed" not in second.log_tail(500)
+            assert f"stream 0 taken on at offset {position} (model version 3, restored in" in second.log_tail(
+                500
+            )
             assert http_status(second.metrics_port, "/readyz") == 200
             predicted, labels, version = predict(kafka_bootstrap, producer, topic, b"p2", x_probe, y_probe)
             assert version == "3" and float((predicted == labels).mean()) == accuracy
             metrics = second.metrics()
-            assert value(metrics, "spacenet_model_version") == 3
+            assert value(metrics, "spacenet_model_version", stream="0") == 3
             assert value(metrics, "spacenet_training_steps_total") == 0
             assert value(metrics, "spacenet_records_consumed_total", topic=topic, partition="0") == 0
             models.poll(timeout_ms=2000)

@@ -73,6 +73,7 @@ class ContainerService(ServiceProcess):
     def command(self) -> list[str]:
         settings = {**self.settings, "metrics_port": str(self.metrics_port)}
         env = [f"--env=SPACENET_{name.upper()}={value}" for name, value in settings.items()]
+        env.append("--env=SPACENET_KAFKA_LOG_LEVEL=INFO")  # kafka-python's group joins: wait_assigned()
         run = ["podman", "run", "--name", self.name, "--network", "host", *HARDENING]
         return [*run, "--volume", f"{self.volume}:{STATE_DIR}", *env, self.image]  # its CMD: serve
 
