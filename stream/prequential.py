@@ -30,6 +30,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from spacenet.stream.config import ServiceConfig
+
 
 class Scorer(Protocol):
     """What scores records: the served model (``learner.Predictor``)."""
@@ -72,9 +74,6 @@ class PageHinkley:
             return True
         return False
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n_, "mean": self.mean_, "cumulative": self.cumulative_, "minimum": self.minimum_}
-
 
 class Prequential:
     """The last ``window`` scored records of a stream (right or wrong), their accuracy, and
@@ -92,6 +91,12 @@ class Prequential:
         self.scored = 0  # records scored since the start
         self.last_offset_ = -1  # of the last message offered
         self.drifts = 0  # drifts detected since the start
+
+    @classmethod
+    def from_config(cls, cfg: ServiceConfig) -> Prequential:
+        """The prequential score ``spacenet serve`` keeps per stream (needs ``prequential_every`` > 0)."""
+        drift = PageHinkley(threshold=cfg.drift_threshold)
+        return cls(cfg.prequential_window, drift, cfg.prequential_every, cfg.prequential_sample)
 
     @property
     def accuracy(self) -> float | None:

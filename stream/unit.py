@@ -66,7 +66,7 @@ from spacenet.stream.dead_letters import DeadLetters
 from spacenet.stream.ingest import Closed, Ingest
 from spacenet.stream.learner import Learner, Predictor, TrainingAbandoned
 from spacenet.stream.observability.telemetry import Telemetry
-from spacenet.stream.prequential import PageHinkley, Prequential
+from spacenet.stream.prequential import Prequential
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = 1
@@ -113,12 +113,7 @@ class StreamUnit:
         self.ingest = Ingest.from_config(cfg, self.m, dead_letters, spill, self.stream)
         self.detector, self.buffer = self.ingest.detector, self.ingest.buffer
         if cfg.prequential_every > 0:  # monitoring only, not checkpointed
-            self.prequential = Prequential(
-                cfg.prequential_window,
-                PageHinkley(threshold=cfg.drift_threshold),
-                cfg.prequential_every,
-                cfg.prequential_sample,
-            )
+            self.prequential = Prequential.from_config(cfg)
             self.ingest.on_labeled = self._score
         self.accuracy_ = AccuracyMatrix()
         self.task_inference_accuracy_: float | None = None  # of the newest model (option on)

@@ -60,25 +60,22 @@ def _status(code: HTTPStatus) -> str:
     return f"{code.value} {code.phrase}"
 
 
-def _text(start_response: StartResponse, code: HTTPStatus, body: str) -> list[bytes]:
-    data = (body.rstrip("\n") + "\n").encode()
+def _send(
+    start_response: StartResponse, code: HTTPStatus, data: bytes, content_type: str, *headers: tuple[str, str]
+) -> list[bytes]:
     start_response(
-        _status(code), [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))]
+        _status(code), [("Content-Type", content_type), ("Content-Length", str(len(data))), *headers]
     )
     return [data]
+
+
+def _text(start_response: StartResponse, code: HTTPStatus, body: str) -> list[bytes]:
+    return _send(start_response, code, (body.rstrip("\n") + "\n").encode(), "text/plain; charset=utf-8")
 
 
 def _html(start_response: StartResponse, body: str) -> list[bytes]:
-    data = body.encode()
-    start_response(
-        _status(HTTPStatus.OK),
-        [
-            ("Content-Type", "text/html; charset=utf-8"),
-            ("Content-Length", str(len(data))),
-            ("Cache-Control", "no-store"),
-        ],
-    )
-    return [data]
+    html = "text/html; charset=utf-8"
+    return _send(start_response, HTTPStatus.OK, body.encode(), html, ("Cache-Control", "no-store"))
 
 
 def _always_healthy() -> bool:

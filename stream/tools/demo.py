@@ -31,12 +31,11 @@ import numpy as np
 
 from spacenet.strategy.cl_metrics import AccuracyMatrix
 from spacenet.strategy.rss import peak_rss_bytes
-from spacenet.stream import wire
 from spacenet.stream.config import ServiceConfig
 from spacenet.stream.kafka_config import KafkaSettings, ensure_topics
 from spacenet.stream.observability.http import free_port
-from spacenet.stream.predict import decode_reply
 from spacenet.stream.tools import local_kafka
+from spacenet.stream.tools.ask import ask
 from spacenet.stream.tools.produce import load_dataset, produce_stream
 
 
@@ -140,7 +139,7 @@ def run(args: argparse.Namespace, bootstrap: str, work: Path, out: Path) -> int:
         learned = final["tasks_learned"]
         print(f"[demo] {learned} tasks learned, model version {final['model_version']}")
         xt, yt, _ = load_dataset(name, train=False)
-        test = score_predictions(settings, producer, names, xt, yt, expected, args.seed)
+        test = score_predictions(settings, names, xt, yt, expected, args.seed)
         rss = peak_rss_bytes(service.pid)
         exposition = scrape(metrics_port)
         (out / "metrics.prom").write_text(exposition)
@@ -207,51 +206,26 @@ def wait_for_models(
 
 def score_predictions(
     settings: KafkaSettings,
-    producer: Any,
     names: ServiceConfig,
     x: np.ndarray,
     y: np.ndarray,
     tasks: list[list[int]],
     seed: int,
-    per_message: int = 500,
 ) -> dict[str, Any]:
-    """Send the test set as prediction requests (labels included) and score the replies."""
-    from kafka import KafkaConsumer
-
-    replies = KafkaConsumer(names.predictions_topic, auto_offset_reset="earliest", **settings.client_kwargs())
+    """Send the test set as prediction requests (labels included, in an order drawn from
+    ``seed``) with ``spacenet predict``'s client and score the replies."""
     order = np.random.default_rng(seed).permutation(len(y))
-    sent = 0
     t0 = time.perf_counter()
-    for i in range(0, len(order), per_message):
-        rows = order[i : i + per_message]
-        producer.send(
-            names.requests_topic,
-            key=str(i).encode(),
-            value=wire.encode(x[rows], y[rows]),
-            headers=wire.make_headers(),
-        )
-        sent += len(rows)
-    producer.flush()
-    preds: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    versions: set[str] = set()
-    while sum(len(a) for a in preds) < sent and time.perf_counter() - t0 < 600:
-        for messages in replies.poll(timeout_ms=1000).values():
-            for msg in messages:
-                reply = decode_reply(msg.value)
-                preds.append(reply["prediction"])
-                labels.append(reply["label"])
-                versions.add(dict(msg.headers)["spacenet-model-version"].decode())
-    replies.close()
+    replies = ask(settings, names, x[order], y[order], timeout=600.0)
     seconds = time.perf_counter() - t0
-    p, t = np.concatenate(preds), np.concatenate(labels)
+    p, t = replies["prediction"], y[order]
     per_task = [float((p[np.isin(t, c)] == t[np.isin(t, c)]).mean()) for c in tasks]
     return {
         "records": len(t),
         "accuracy_all": float((p == t).mean()),
         "per_task": per_task,
         "final_accuracy": float(np.mean(per_task)),
-        "model_versions": sorted(versions),
+        "model_versions": sorted({str(v) for v in replies["model_version"].tolist()}),
         "seconds": seconds,
         "requests_per_s": len(t) / seconds,
     }

@@ -125,8 +125,8 @@ class IngestSink:
         topic: str,
         spill_dir: str,
         max_memory_bytes: int,
-        prequential_every: int = _SERVICE.prequential_every,
         scorer: Predictor | None = None,
+        prequential_every: int = _SERVICE.prequential_every,
     ) -> None:
         cfg = replace(
             _SERVICE, topic=topic, max_buffer_bytes=max_memory_bytes, prequential_every=prequential_every
@@ -135,18 +135,19 @@ class IngestSink:
         metrics = ServiceMetrics(self.registry)
         dead_letters = DeadLetters(self._reject, cfg.dead_letter_topic, metrics)
         self.ingest = Ingest.from_config(cfg, metrics, dead_letters, Path(spill_dir), stream="0")
-        self.prequential = Prequential(every=max(cfg.prequential_every, 1), sample=cfg.prequential_sample)
-        # One served model per process, as in the service: ``measure`` passes the same one to every run.
-        self.scorer = scorer or Predictor(
-            build_model(cfg), torch.arange(cfg.num_outputs), None, {}, version=0
-        )
-        if cfg.prequential_every > 0:
+        # The served model (one per process, as in the service: ``measure`` passes the same one
+        # to every run); None, or prequential_every 0: no prequential score.
+        self.scorer = scorer
+        self.prequential: Prequential | None = None
+        if scorer is not None and cfg.prequential_every > 0:
+            self.prequential = Prequential.from_config(cfg)
             self.ingest.on_labeled = self._score
         self.backlog: collections.deque[Any] = collections.deque()
         self.messages = self.bytes = self.rejected = 0
         self.closed: list[tuple[int, tuple[int, ...]]] = []
 
     def _score(self, offset: int, features: Any, labels: Any) -> None:
+        assert self.prequential is not None and self.scorer is not None
         self.prequential.offer(offset, features, labels, self.scorer)
 
     def _reject(self, topic: str, **message: Any) -> None:
@@ -218,14 +219,16 @@ def measure(
 ) -> dict[str, list[Run]]:
     """``repeats`` timed runs of each path after one untimed warm-up run of each."""
     runs: dict[str, list[Run]] = {"plain": [], "ours": []}
-    scorer = Predictor(build_model(_SERVICE), torch.arange(_SERVICE.num_outputs), None, {}, version=0)
+    scorer = None  # a model of the service's shape that knows every class: each sampled record costs one
+    if prequential_every > 0:
+        scorer = Predictor(build_model(_SERVICE), torch.arange(_SERVICE.num_outputs), None, {}, version=0)
     with tempfile.TemporaryDirectory(prefix="spacenet-ingest-bench-") as spill:
 
         def one(path: str) -> Run:
             sink: PlainSink | IngestSink = (
                 PlainSink(records)
                 if path == "plain"
-                else IngestSink(topic, spill, max_memory_bytes, prequential_every, scorer)
+                else IngestSink(topic, spill, max_memory_bytes, scorer, prequential_every)
             )
             gc.collect()
             resettable = reset_peak_rss()
@@ -237,7 +240,7 @@ def measure(
                     raise RuntimeError(
                         f"ours read {sink.records} of {records} records, {sink.rejected} rejected"
                     )
-                if sink.ingest.on_labeled is not None and not sink.prequential.scored:
+                if sink.prequential is not None and not sink.prequential.scored:
                     raise RuntimeError("ours scored no record prequentially: the comparison would flatter it")
                 sink.ingest.buffer.clear()
             return Run(path, seconds, cpu_seconds, sink.messages, sink.records, sink.bytes, rss_start, peak)
