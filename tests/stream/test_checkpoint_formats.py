@@ -1,0 +1,41 @@
+"""Checkpoints written by earlier versions of the service still restore, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from spacenet.stream.checkpoint import decode, encode
+from tests.support.checkpoint_fixture import build_unit, probe
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def _restored(tmp_path: Path, fmt: int) -> tuple[object, dict[str, torch.Tensor]]:
+    state = decode((FIXTURES / f"checkpoint-format{fmt}.ckpt").read_bytes())
+    assert state["format"] == fmt
+    unit = build_unit(tmp_path)
+    unit.load_state_dict(state)
+    expected = torch.load(FIXTURES / f"checkpoint-format{fmt}.predictions.pt", weights_only=True)
+    return unit, expected
+
+
+def test_a_format1_checkpoint_restores_bit_identical_predictions(tmp_path: Path) -> None:
+    unit, expected = _restored(tmp_path, 1)
+    pred = unit.predictor_.predict(probe())
+    assert torch.equal(pred.labels, expected["labels"])
+    assert torch.equal(pred.scores, expected["scores"])
+    assert unit.predictor_.known_labels.tolist() == [0, 1, 2, 3]
+    assert unit.buffer.holdout_tasks == [0, 1, 2] and unit.buffer.task_ == 2 and len(unit.buffer) == 21
+
+
+def test_a_format1_checkpoint_saved_again_restores_the_same(tmp_path: Path) -> None:
+    unit, expected = _restored(tmp_path / "a", 1)
+    again = build_unit(tmp_path / "b")
+    again.load_state_dict(decode(encode(unit.state_dict())))
+    pred = again.predictor_.predict(probe())
+    assert torch.equal(pred.labels, expected["labels"]) and torch.equal(pred.scores, expected["scores"])
+    for task in unit.buffer.holdout_tasks:
+        assert (again.buffer.holdout(task).features == unit.buffer.holdout(task).features).all()
+    assert [len(b) for b in again.buffer.iter_batches()] and len(again.buffer) == len(unit.buffer)
