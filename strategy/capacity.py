@@ -66,6 +66,13 @@ class CapacityReport:
     limiting_layer: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     task_inference_bytes: int = 0  # stored task-identity statistics (0 without the option)
+    state_bytes: int = 0  # the learner's saved state (SpaceNet.state_dict's tensors, weights included)
+    dense_bytes: int = 0  # the managed layers' weights and biases, dense (what a plain model saves)
+
+    @property
+    def state_ratio(self) -> float:
+        """The saved state's size as a share of the dense model's (0 when unknown)."""
+        return self.state_bytes / self.dense_bytes if self.dense_bytes else 0.0
 
     @property
     def used_connection_ratio(self) -> float:
@@ -81,6 +88,9 @@ class CapacityReport:
             "limiting_layer": self.limiting_layer,
             "used_connection_ratio": self.used_connection_ratio,
             "task_inference_bytes": self.task_inference_bytes,
+            "state_bytes": self.state_bytes,
+            "dense_bytes": self.dense_bytes,
+            "state_ratio": self.state_ratio,
         }
 
     def table(self) -> str:
@@ -96,6 +106,11 @@ class CapacityReport:
             f"estimated tasks remaining {self.tasks_remaining}"
             + (f" (limited by {self.limiting_layer})" if self.limiting_layer else "")
         )
+        if self.dense_bytes:
+            rows.append(
+                f"learner state {self.state_bytes / 1000:.1f} KB, {self.state_ratio:.2f}x the dense "
+                f"model's {self.dense_bytes / 1000:.1f} KB"
+            )
         if self.task_inference_bytes:
             rows.append(f"task-inference statistics {self.task_inference_bytes / 1000:.1f} KB")
         return "\n".join(rows)

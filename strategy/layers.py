@@ -18,6 +18,7 @@ different tasks cannot overlap by construction:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -172,7 +173,8 @@ class SparseLayer:
             self.conn_importance_.add_(self.conn_magnitude(((w - self._prev_w) * g).abs_()))
 
     # ----------------------------------------------------------------- state
-    STATE_KEYS = (
+    # What the first state version kept: every map dense, the initial weights included.
+    DENSE_STATE_KEYS = (
         "init_",
         "conn_owner_",
         "reserved_by_",
@@ -184,10 +186,54 @@ class SparseLayer:
     )
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {k: getattr(self, k).detach().clone() for k in self.STATE_KEYS}
+        """What the method needs between tasks, sparse: which connections are used (a bit
+        per connection), the task owning each used one, their weights, the biases and the
+        neuron reservations. The open task's working state (importance, selection) is
+        reset by the next ``begin_task``, so it is not kept; nor is ``init_`` (see
+        ``SpaceNet.state_dict``)."""
+        used = (self.conn_owner_ != FREE).cpu()
+        owners = self.conn_owner_.cpu()[used]
+        narrow = owners.numel() == 0 or int(owners.max()) < 256
+        state = {
+            "used": torch.from_numpy(np.packbits(used.flatten().numpy())),
+            "owner": owners.to(torch.uint8 if narrow else torch.int16),
+            "values": self.weight.detach().cpu()[used].clone(),
+            "reserved_by": self.reserved_by_.cpu().clone(),
+        }
+        if self.bias is not None:
+            state["bias"] = self.bias.detach().cpu().clone()
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for k in self.STATE_KEYS:
+        """Restore ``state_dict()`` output, weights included; the open task's working state
+        starts empty, as ``begin_task`` leaves it."""
+        dev = self.conn_owner_.device
+        used = torch.from_numpy(np.unpackbits(state["used"].numpy(), count=self.num_connections).astype(bool))
+        used = used.view(self.out_units, self.in_units)
+        n = int(used.sum())
+        values, owners = state["values"], state["owner"]
+        if owners.shape != (n,) or values.shape != (n, *self.weight.shape[2:]):
+            raise ValueError(
+                f"layer {self.index}: {n} used connections, but {owners.numel()} owners and "
+                f"{values.shape[0]} values; a state for another model?"
+            )
+        if state["reserved_by"].shape != self.reserved_by_.shape:
+            raise ValueError(f"layer {self.index}: reservations for {state['reserved_by'].numel()} neurons")
+        owner_map = torch.full((self.out_units, self.in_units), FREE, dtype=torch.int16)
+        owner_map[used] = owners.to(torch.int16)
+        self.conn_owner_ = owner_map.to(dev)
+        self.reserved_by_ = state["reserved_by"].to(device=dev, dtype=torch.int16).clone()
+        with torch.no_grad():
+            weight = torch.zeros(self.weight.shape, dtype=self.weight.dtype)
+            weight[used] = values.to(self.weight.dtype)
+            self.weight.copy_(weight)
+            if self.bias is not None:
+                self.bias.copy_(state["bias"])
+        self.reset_task_state()
+
+    def load_dense_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore the first version's state (the weights come with the model's own state)."""
+        for k in self.DENSE_STATE_KEYS:
             current: Tensor = getattr(self, k)
             value = state[k]
             if value.shape != current.shape:

@@ -72,7 +72,9 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
             return self
         if self.model_ is not None:
             raise RuntimeError("this SpaceNetPlugin already manages another model")
-        self.spacenet.attach(model, reset=self._pending_state is None)
+        pending = self._pending_state
+        # A first-version state leaves the trained weights to the model's own state: keep them.
+        self.spacenet.attach(model, reset=pending is None or SpaceNet.carries_weights(pending["spacenet"]))
         self.model_ = model
         if self._pending_state is not None:
             self._load(self._pending_state)
@@ -146,8 +148,9 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """SpaceNet state (masks, reservations, importance, init, class map) and the
-        calibration's; save it beside ``model.state_dict()``."""
+        """SpaceNet's sparse state (``SpaceNet.state_dict``: the managed layers' used weights,
+        biases, ownership, reservations, class map) and the calibration's. For a model whose
+        parameters SpaceNet all manages (``SpaceNetMLP``) it is the whole learned state."""
         if self.model_ is None:
             raise RuntimeError("nothing to save: the plugin has not seen a model yet")
         state: dict[str, Any] = {"spacenet": self.spacenet.state_dict()}

@@ -266,10 +266,18 @@ class Learner:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "plugin": self.plugin.state_dict()}
+        """The plugin's sparse state, which carries the SpaceNet-managed weights, and the rest
+        of the model's state (the input standardisation)."""
+        managed = set(self.spacenet.parameter_names())
+        rest = {k: v for k, v in self.model.state_dict().items() if k not in managed}
+        return {"model": rest, "plugin": self.plugin.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        """Restore ``state_dict`` output, or a first-format one whose ``model`` is dense."""
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        stray = set(missing) - set(self.spacenet.parameter_names())
+        if unexpected or stray:
+            raise ValueError(f"learner state does not fit this model: missing {stray}, extra {unexpected}")
         self.plugin.load_state_dict(state["plugin"])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -197,30 +198,62 @@ def test_old_rows_hidden_while_training_and_restored() -> None:
     assert torch.equal(model.out.weight.detach()[:2], rows)
 
 
-def test_state_round_trip_with_weights_only_load() -> None:
+def _seeded_mlp() -> SpaceNetMLP:
     torch.manual_seed(0)
-    model = SpaceNetMLP()
+    return SpaceNetMLP()
+
+
+def test_state_round_trip_with_weights_only_load() -> None:
+    model = _seeded_mlp()
     net = SpaceNet(seed=3).attach(model)
     train_task(net, model, [0, 1], epochs=2)
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "spacenet": net.state_dict()}, buf)
+    torch.save(net.state_dict(), buf)  # the weights travel in SpaceNet's state
     buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    clone = SpaceNetMLP()
-    clone.load_state_dict(saved["model"])
-    restored = SpaceNet(seed=99).attach(clone, reset=False)
-    restored.load_state_dict(saved["spacenet"])
+    clone = _seeded_mlp()  # built as the saved one was: the same initial weights
+    restored = SpaceNet(seed=3).attach(clone)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "initial weights differ" warning
+        restored.load_state_dict(torch.load(buf, weights_only=True))
+    pairs = zip(model.state_dict().values(), clone.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     for a, b in zip(net.layers_, restored.layers_, strict=True):
-        for key in a.STATE_KEYS:
-            assert torch.equal(getattr(a, key), getattr(b, key)), key
+        assert torch.equal(a.conn_owner_, b.conn_owner_) and torch.equal(a.reserved_by_, b.reserved_by_)
     assert restored.label_to_unit_ == net.label_to_unit_ and restored.tasks_learned_ == 1
-    # The same next allocation: the generator state travelled too.
+    # The same next allocation, from the same initial values: generator and init travelled too.
     net.begin_task([2, 3])
     restored.begin_task([2, 3])
     for a, b in zip(net.layers_, restored.layers_, strict=True):
-        assert torch.equal(a.conn_owner_, b.conn_owner_)
+        assert torch.equal(a.conn_owner_, b.conn_owner_) and torch.equal(a.weight, b.weight)
     with pytest.raises(RuntimeError, match="between tasks"):
         net.state_dict()
+
+
+def test_state_is_sparse_a_fraction_of_the_dense_model() -> None:
+    model = _seeded_mlp()
+    net = SpaceNet(seed=0).attach(model)
+    for task in range(5):
+        train_task(net, model, [2 * task, 2 * task + 1], epochs=1)
+    report = net.capacity()
+    dense = sum(p.numel() * 4 for p in model.parameters())
+    assert report.dense_bytes == dense
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    # 5 x 11,720 used connections: 4 bytes of weight and 1 of owner each, a bit per position
+    assert report.state_bytes < 0.2 * dense and len(buf.getvalue()) < 0.2 * dense
+    assert report.state_bytes <= len(buf.getvalue())
+
+
+def test_a_model_built_otherwise_restores_the_weights_and_warns() -> None:
+    model = _seeded_mlp()
+    net = SpaceNet(seed=0).attach(model)
+    train_task(net, model, [0, 1], epochs=1)
+    torch.manual_seed(1)
+    other = SpaceNetMLP()
+    with pytest.warns(UserWarning, match="initial weights differ"):
+        SpaceNet(seed=0).attach(other).load_state_dict(net.state_dict())
+    x = torch.rand(8, 1, 28, 28)
+    assert torch.equal(model(x), other(x))
 
 
 def test_conv_connections_are_kernel_slices() -> None:

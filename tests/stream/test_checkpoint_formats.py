@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from spacenet.strategy import SpaceNetPlugin
 from spacenet.stream.checkpoint import decode, encode
 from tests.support.checkpoint_fixture import build_unit, probe
 
@@ -39,3 +40,19 @@ def test_a_format1_checkpoint_saved_again_restores_the_same(tmp_path: Path) -> N
     for task in unit.buffer.holdout_tasks:
         assert (again.buffer.holdout(task).features == unit.buffer.holdout(task).features).all()
     assert [len(b) for b in again.buffer.iter_batches()] and len(again.buffer) == len(unit.buffer)
+
+
+def test_a_version1_spacenet_state_loads_into_a_plugin_beside_its_dense_model(tmp_path: Path) -> None:
+    from spacenet.stream.learner import build_model
+
+    unit, _ = _restored(tmp_path, 1)
+    learner = decode((FIXTURES / "checkpoint-format1.ckpt").read_bytes())["learner"]
+    assert learner["plugin"]["spacenet"]["version"] == 1
+    model = build_model(unit.cfg)
+    model.load_state_dict(learner["model"])  # the first version kept the weights here
+    plugin = SpaceNetPlugin(n_select=6, n_reserve=3, connections=(0.5, 0.5, 0.5))
+    plugin.load_state_dict(learner["plugin"])
+    plugin.attach(model)  # keeps the loaded weights, applies the pending state
+    x = probe()
+    assert torch.equal(model(x), unit.learner.model(x))
+    assert plugin.capacity() == unit.learner.spacenet.capacity()
