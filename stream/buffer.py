@@ -4,13 +4,16 @@ Training records stay in memory up to ``max_memory_bytes``, then go to Arrow IPC
 in a private folder under ``spill_dir``; ``iter_batches()`` and ``dataset()`` return
 them all, in the order they became training records. A record is held out when a
 seeded hash of its (partition, id) falls below ``holdout_fraction``; each task keeps at
-most ``holdout_max_per_task`` of them by reservoir sampling with a counter-based seeded
-generator, and a record the reservoir passes over or evicts joins training instead.
+most ``holdout_max_per_task`` of them, and all tasks together at most ``holdout_max_records``
+(n tasks: ``holdout_max_records // n`` each), by reservoir sampling with a counter-based
+seeded generator; a record the open task's reservoir passes over or evicts joins training
+instead. When a task is added, a closed task's sample over its new share keeps a seeded
+uniform subset (its other records were never trained: they only measured).
 So held-out and training never overlap and, for stable ids such as Kafka offsets, a
 replay splits the same way. Held-out samples outlive ``clear()``: they measure
 forgetting later. ``state_dict`` / ``load_state_dict`` carry the open task's records and
-every held-out sample (with its reservoir's count) in a checkpoint, as they are: restoring
-splits nothing again.
+every held-out sample (with its reservoir's count) in a checkpoint, as they are (zstd
+Arrow IPC, ``records.pack``): restoring splits nothing again.
 
     >>> buf = TaskBuffer((2,), "uint8", holdout_fraction=0.5, seed=0)
     >>> buf.start_task(0)
@@ -29,8 +32,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
-import math
 import os
 import shutil
 import tempfile
@@ -45,7 +46,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import Dataset
 
-from spacenet.stream.records import FIELDS, Records, pack, unpack
+from spacenet.stream.records import FIELDS, Records, from_arrow, pack, to_arrow, unpack
 
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -207,13 +208,27 @@ class _Reservoir:
         assert self.rows is not None
         return self.rows.take(np.arange(self.n))
 
+    def shrink(self, cap: int, seed: int, task: int) -> Records | None:
+        """Lower the cap to ``cap``; past it, keep a seeded uniform subset of the rows (in
+        their order) and return the others (None when none go)."""
+        self.cap = cap
+        if self.rows is None or self.n <= cap:
+            return None
+        sample = self.sample()
+        rank = np.argsort(_hash(seed, task, sample.partitions, sample.ids), kind="stable")
+        keep = np.zeros(self.n, bool)
+        keep[rank[:cap]] = True
+        self.rows, self.n = sample.take(np.flatnonzero(keep)), cap
+        return sample.take(np.flatnonzero(~keep))
+
 
 class TaskBuffer:
     """Training records of the open task, spilled past a memory limit, and held-out samples.
 
     Defaults: 256 MiB in memory (a few hundred thousand MNIST-sized records before any
     spill), 10 % held out but at most 1000 per task, enough for a per-task accuracy
-    within about +-3 points without starving training of records.
+    within about +-3 points without starving training of records, and 5000 over all tasks
+    (with 10 tasks, 500 each: about +-4.5 points), so a long stream's samples stay bounded.
     """
 
     task_: int | None  # the open task; None until start_task, and after clear
@@ -227,13 +242,18 @@ class TaskBuffer:
         spill_dir: str | os.PathLike[str] | None = None,
         holdout_fraction: float = 0.1,
         holdout_max_per_task: int = 1000,
+        holdout_max_records: int = 5000,
         seed: int = 0,
     ) -> None:
         if np.dtype(dtype) not in (np.dtype(np.uint8), np.dtype(np.float32)):
             raise ValueError(f"features must be uint8 or float32, not {dtype}")
-        if not 0.0 <= holdout_fraction <= 1.0 or holdout_max_per_task < 0 or max_memory_bytes < 0:
+        if (
+            not 0.0 <= holdout_fraction <= 1.0
+            or min(holdout_max_per_task, holdout_max_records, max_memory_bytes) < 0
+        ):
             raise ValueError(
-                "need 0 <= holdout_fraction <= 1, holdout_max_per_task >= 0, max_memory_bytes >= 0"
+                "need 0 <= holdout_fraction <= 1 and holdout_max_per_task, holdout_max_records, "
+                "max_memory_bytes >= 0"
             )
         self.feature_shape = tuple(int(d) for d in feature_shape)
         self.dtype = dtype
@@ -241,6 +261,7 @@ class TaskBuffer:
         self.spill_dir = spill_dir
         self.holdout_fraction = holdout_fraction
         self.holdout_max_per_task = holdout_max_per_task
+        self.holdout_max_records = holdout_max_records
         self.seed = seed
         self.task_ = None
         self.spilled_files_ = []
@@ -320,7 +341,7 @@ class TaskBuffer:
             raise RuntimeError("start_task() first")
         u = (_hash(self.seed, partitions, ids) >> np.uint64(11)).astype(np.float64) / 2.0**53
         chosen = u < self.holdout_fraction
-        reservoir = self._holdout.setdefault(self.task_, _Reservoir(self.holdout_max_per_task))
+        reservoir = self._reservoir(self.task_)
         held = np.flatnonzero(chosen)
         offered = Records(gather(held), labels[held], partitions[held], ids[held])
         passed, evicted = reservoir.offer(offered, self.seed, self.task_)
@@ -345,7 +366,23 @@ class TaskBuffer:
         """Offer records of a closed task's classes to that task's held-out sample (they
         are never trained; beyond the cap the reservoir keeps a uniform sample)."""
         recs = self._checked(records)
-        self._holdout.setdefault(task, _Reservoir(self.holdout_max_per_task)).offer(recs, self.seed, task)
+        self._reservoir(task).offer(recs, self.seed, task)
+
+    def _reservoir(self, task: int) -> _Reservoir:
+        """``task``'s held-out reservoir, made (and every cap lowered to its share) if new."""
+        if task not in self._holdout:
+            self._holdout[task] = _Reservoir(self.holdout_max_per_task)
+            self._share()
+        return self._holdout[task]
+
+    def _share(self) -> None:
+        """Cap each task's sample at its share of ``holdout_max_records``; the open task's
+        records over it join training, a closed task's are let go (they only measured)."""
+        cap = min(self.holdout_max_per_task, self.holdout_max_records // max(1, len(self._holdout)))
+        for task, reservoir in self._holdout.items():
+            over = reservoir.shrink(cap, self.seed, task)
+            if over is not None and task == self.task_:
+                self._keep([over])
 
     def clear(self) -> None:
         """Forget the open task's training records and delete its spill files."""
@@ -392,10 +429,19 @@ class TaskBuffer:
         return RecordDataset([self.holdout(task)], self.feature_shape, self._scale(scale))
 
     @property
+    def holdout_records(self) -> int:
+        """Held-out records over all tasks."""
+        return sum(r.n for r in self._holdout.values())
+
+    @property
+    def holdout_bytes(self) -> int:
+        """Bytes the held-out samples take in memory."""
+        return sum(r.rows.nbytes for r in self._holdout.values() if r.rows is not None)
+
+    @property
     def memory_bytes(self) -> int:
         """Bytes of records held in memory: open task's training records and held-out samples."""
-        held = sum(r.rows.nbytes for r in self._holdout.values() if r.rows is not None)
-        return held + self._chunk_bytes
+        return self.holdout_bytes + self._chunk_bytes
 
     @property
     def spilled_bytes(self) -> int:
@@ -408,7 +454,7 @@ class TaskBuffer:
         samples = {t: r for t, r in sorted(self._holdout.items()) if r.rows is not None}
         return {
             "open_task": -1 if self.task_ is None else int(self.task_),
-            "open_records": pack(Records.concat(list(self.iter_batches()))) if len(self) else {},
+            "open_records": pack(Records.concat([self._empty(), *self.iter_batches()])),
             "holdout": {str(t): pack(r.sample()) for t, r in samples.items()},
             "holdout_seen": {str(t): r.seen for t, r in samples.items()},
         }
@@ -425,8 +471,10 @@ class TaskBuffer:
             self._holdout[int(task)] = _Reservoir(self.holdout_max_per_task, count, rows)
         if state["open_task"] >= 0:
             self.start_task(int(state["open_task"]))
-            if state["open_records"]:
-                self._keep([self._restored(state["open_records"])])
+            packed = state["open_records"]  # the first format wrote {} for none
+            if isinstance(packed, torch.Tensor) or packed:
+                self._keep([self._restored(packed)])
+        self._share()  # the caps of this buffer's settings
 
     # ---- helpers ----------------------------------------------------------------------
     def _checked(self, records: Records) -> Records:
@@ -438,7 +486,10 @@ class TaskBuffer:
         x = x.astype(self.dtype, copy=False).reshape(n, *self.feature_shape)
         return Records(x, *self._columns(n, records.labels, records.partitions, records.ids))
 
-    def _restored(self, packed: dict[str, Any]) -> Records:
+    def _empty(self) -> Records:
+        return Records.empty(self.feature_shape, self.dtype)
+
+    def _restored(self, packed: torch.Tensor | dict[str, Any]) -> Records:
         """Records of a checkpoint, which must hold features of this buffer's shape and dtype."""
         recs = unpack(packed)
         if recs.features.shape[1:] != self.feature_shape or recs.features.dtype != self.dtype:
@@ -474,34 +525,11 @@ class TaskBuffer:
         self._chunks, self._chunk_bytes = [], 0
 
     def _write(self, path: Path, recs: Records, meta: dict[str, Any]) -> None:
-        meta = {**meta, "shape": list(self.feature_shape), "dtype": self.dtype, "format": 1}
-        width = math.prod(self.feature_shape)
-        features = pa.FixedSizeListArray.from_arrays(pa.array(recs.features.reshape(-1)), width)
-        batch = pa.record_batch(
-            [features, pa.array(recs.labels), pa.array(recs.partitions), pa.array(recs.ids)],
-            schema=pa.schema(
-                [
-                    ("features", features.type),
-                    ("label", pa.int64()),
-                    ("partition", pa.int32()),
-                    ("id", pa.int64()),
-                ],
-                metadata={"spacenet": json.dumps(meta)},
-            ),
-        )
+        batch = to_arrow(recs, meta)  # uncompressed: read back memory-mapped, zero-copy
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
 
     def _read(self, path: Path) -> Iterator[Records]:
         reader = pa.ipc.open_file(pa.memory_map(str(path)))  # zero-copy: pages load on access
         for i in range(reader.num_record_batches):
-            yield self._from_batch(reader.get_batch(i))
-
-    def _from_batch(self, batch: Any) -> Records:
-        flat = batch.column(0).flatten().to_numpy(zero_copy_only=True)
-        return Records(
-            flat.reshape(-1, *self.feature_shape),
-            batch.column(1).to_numpy(),
-            batch.column(2).to_numpy(),
-            batch.column(3).to_numpy(),
-        )
+            yield from_arrow(reader.get_batch(i))

@@ -81,6 +81,7 @@ class ServiceConfig:
     max_buffer_bytes: int = 256 << 20
     holdout_fraction: float = 0.1
     holdout_max_per_task: int = 1000
+    holdout_max_records: int = 5000  # over all tasks: n tasks keep at most this // n each
     # Prequential accuracy and drift (monitoring only; stream/prequential.py)
     prequential_every: int = 256  # score records of every Nth message (by offset); 0: off
     prequential_sample: int = 32  # at most this many records of such a message

@@ -123,6 +123,7 @@ class Ingest:
             spill_dir=spill_dir,
             holdout_fraction=cfg.holdout_fraction,
             holdout_max_per_task=cfg.holdout_max_per_task,
+            holdout_max_records=cfg.holdout_max_records,
             seed=cfg.seed,
         )
         return cls(cfg.topic, limits, detector, buffer, PendingStore(), metrics, dead_letters, stream=stream)

@@ -283,6 +283,7 @@ class Loop:
             return False
         stream.checkpointed, stream.stored = dict(unit.positions_), True
         self.m.checkpoint_size(unit.stream, self.store.size(stream.partition))
+        self.m.holdout_size(unit.stream, unit.buffer.holdout_records, unit.buffer.holdout_bytes)
         return True
 
     def _publish(self, stream: Stream) -> None:

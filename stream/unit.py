@@ -69,7 +69,7 @@ from spacenet.stream.observability.telemetry import Telemetry
 from spacenet.stream.prequential import Prequential
 
 log = logging.getLogger(__name__)
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: sparse learner state (SpaceNet state version 2), records as zstd Arrow IPC
 
 
 @dataclass(frozen=True)

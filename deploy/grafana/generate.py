@@ -171,8 +171,13 @@ STREAMS = Row(
         ),
         graph(
             "State size per stream",
-            per_stream("spacenet_checkpoint_bytes"),
-            description="Bytes of the stream's newest checkpoint in the changelog topic.",
+            per_stream("spacenet_checkpoint_bytes", legend="checkpoint {{stream}}"),
+            per_stream("spacenet_learner_state_bytes", legend="learner state {{stream}}"),
+            per_stream("spacenet_dense_model_bytes", legend="dense model {{stream}}"),
+            per_stream("spacenet_holdout_bytes", legend="held-out in memory {{stream}}"),
+            description="Bytes of the stream's newest checkpoint in the changelog topic; of its learner's "
+            "sparse state beside a dense model of the same shape; of its held-out records in memory "
+            "(compressed in the checkpoint).",
             unit="bytes",
         ),
         graph(

@@ -202,6 +202,12 @@ class ServiceMetrics:
         self.checkpoint_bytes = g(
             "spacenet_checkpoint_bytes", "Size of the stream's newest checkpoint.", "stream"
         )
+        self.holdout_records = g(
+            "spacenet_holdout_records", "Held-out records the stream keeps, over all its tasks.", "stream"
+        )
+        self.holdout_bytes = g(
+            "spacenet_holdout_bytes", "Bytes the stream's held-out records take in memory.", "stream"
+        )
         self.checkpoint_max_age = g(
             "spacenet_checkpoint_max_age_seconds",
             "A stream's checkpoint older than this, with messages handled since, is stale.",
@@ -362,6 +368,8 @@ class ServiceMetrics:
         self.model_published_at.labels(stream).set(0)
         self.last_checkpoint.labels(stream).set(time.time())
         self.checkpoint_bytes.labels(stream).set(0)
+        self.holdout_records.labels(stream).set(0)
+        self.holdout_bytes.labels(stream).set(0)
         self.uncheckpointed.labels(stream).set(0)
 
     def stream_restored(self, seconds: float) -> None:
@@ -378,6 +386,8 @@ class ServiceMetrics:
             self.model_published_at,
             self.last_checkpoint,
             self.checkpoint_bytes,
+            self.holdout_records,
+            self.holdout_bytes,
             self.uncheckpointed,
             self.prequential_records,
             self.prequential_accuracy,
@@ -470,6 +480,11 @@ class ServiceMetrics:
     def checkpoint_size(self, stream: str, size: int) -> None:
         """The stream's newest checkpoint is ``size`` bytes."""
         self.checkpoint_bytes.labels(stream).set(size)
+
+    def holdout_size(self, stream: str, records: int, nbytes: int) -> None:
+        """The stream keeps ``records`` held-out records in ``nbytes`` of memory."""
+        self.holdout_records.labels(stream).set(records)
+        self.holdout_bytes.labels(stream).set(nbytes)
 
     @contextmanager
     def checkpoint(self, stream: str) -> Iterator[None]:

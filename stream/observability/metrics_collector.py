@@ -246,6 +246,11 @@ class ModelStateCollector(Collector):
                 "Held-out records whose task the task inference chose right (option task_inference).",
             ),
             ("spacenet_task_inference_bytes", "Bytes of the stored task-inference statistics."),
+            (
+                "spacenet_learner_state_bytes",
+                "Bytes of the learner's saved state: SpaceNet's sparse state, weights included.",
+            ),
+            ("spacenet_dense_model_bytes", "Bytes of the managed layers' dense weights and biases."),
         ]
         available = GaugeMetricFamily(
             "spacenet_model_state_available", "1 when a model state is available, else 0."
@@ -276,6 +281,8 @@ class ModelStateCollector(Collector):
         if state.task_inference_accuracy is not None:
             f.add("spacenet_task_inference_accuracy_ratio", [], float(state.task_inference_accuracy))
         f.add("spacenet_task_inference_bytes", [], float(cap.task_inference_bytes))
+        f.add("spacenet_learner_state_bytes", [], float(cap.state_bytes))
+        f.add("spacenet_dense_model_bytes", [], float(cap.dense_bytes))
         acc = state.accuracy
         if acc is not None and acc.rows:
             truncated |= self._fill_accuracy(f, acc)

@@ -357,3 +357,43 @@ def test_dataset_in_stream_order_sorts_by_partition_then_id() -> None:
     for i, row in enumerate(key):
         features, label = ordered[i]
         assert label == y[row] and torch.equal(features, torch.from_numpy(x[row].astype(np.float32)))
+
+
+def test_held_out_samples_share_a_total_bound_across_tasks() -> None:
+    buf = TaskBuffer(SHAPE, "uint8", holdout_fraction=0.5, holdout_max_per_task=40, holdout_max_records=90)
+    sizes, before = [], {}
+    for task in range(4):
+        fill(buf, task)  # 500 records, about 250 offered to the held-out sample
+        sizes.append([len(buf.holdout(t).ids) for t in buf.holdout_tasks])
+        before = {t: set(buf.holdout(t).ids.tolist()) for t in buf.holdout_tasks} if task == 2 else before
+        buf.clear()
+    # 40 a task while 40 x n fits in 90; then 90 // n each
+    assert sizes == [[40], [40, 40], [30, 30, 30], [22, 22, 22, 22]]
+    assert buf.holdout_records == 88 and buf.holdout_bytes >= 88 * 16
+    for t in range(3):  # a closed task's sample shrank to a subset of itself
+        assert set(buf.holdout(t).ids.tolist()) < before[t]
+    ids = np.concatenate([buf.holdout(t).ids for t in buf.holdout_tasks])
+    assert len(np.unique(ids)) == len(ids)
+
+
+def test_the_open_tasks_records_over_its_new_share_join_training() -> None:
+    buf = TaskBuffer(SHAPE, "uint8", holdout_fraction=0.5, holdout_max_per_task=40, holdout_max_records=60)
+    fill(buf, 0)
+    n_train = len(buf)
+    buf.add_late(7, records(90_000, 20))  # a closed task's late records: a second sample
+    assert len(buf.holdout(0).ids) == 30 and len(buf) == n_train + 10  # 10 go back to training
+    held, train = set(buf.holdout(0).ids.tolist()), set(read_back(buf)[2].tolist())
+    assert not held & train and len(held | train) == 500
+
+
+def test_packed_held_out_is_compressed_and_restores_with_the_settings_bound() -> None:
+    buf = TaskBuffer(SHAPE, "uint8", holdout_fraction=0.5, holdout_max_per_task=200, holdout_max_records=600)
+    for task in range(3):
+        fill(buf, task)
+        buf.clear()
+    state = buf.state_dict()
+    packed = sum(t.numel() for t in state["holdout"].values())
+    assert packed < 0.5 * buf.holdout_bytes  # zstd Arrow IPC: ids and features follow a pattern
+    tighter = TaskBuffer(SHAPE, "uint8", holdout_max_per_task=200, holdout_max_records=300)
+    tighter.load_state_dict(state)
+    assert [len(tighter.holdout(t).ids) for t in range(3)] == [100, 100, 100]

@@ -1,13 +1,15 @@
-"""Checkpoints written by earlier versions of the service still restore, bit for bit."""
+"""Checkpoints of every payload format the service has written restore, bit for bit."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from spacenet.strategy import SpaceNetPlugin
 from spacenet.stream.checkpoint import decode, encode
+from spacenet.stream.unit import STATE_FORMAT
 from tests.support.checkpoint_fixture import build_unit, probe
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -22,8 +24,9 @@ def _restored(tmp_path: Path, fmt: int) -> tuple[object, dict[str, torch.Tensor]
     return unit, expected
 
 
-def test_a_format1_checkpoint_restores_bit_identical_predictions(tmp_path: Path) -> None:
-    unit, expected = _restored(tmp_path, 1)
+@pytest.mark.parametrize("fmt", [1, STATE_FORMAT])
+def test_a_checkpoint_restores_bit_identical_predictions(tmp_path: Path, fmt: int) -> None:
+    unit, expected = _restored(tmp_path, fmt)
     pred = unit.predictor_.predict(probe())
     assert torch.equal(pred.labels, expected["labels"])
     assert torch.equal(pred.scores, expected["scores"])
@@ -31,8 +34,9 @@ def test_a_format1_checkpoint_restores_bit_identical_predictions(tmp_path: Path)
     assert unit.buffer.holdout_tasks == [0, 1, 2] and unit.buffer.task_ == 2 and len(unit.buffer) == 21
 
 
-def test_a_format1_checkpoint_saved_again_restores_the_same(tmp_path: Path) -> None:
-    unit, expected = _restored(tmp_path / "a", 1)
+@pytest.mark.parametrize("fmt", [1, STATE_FORMAT])
+def test_a_checkpoint_saved_again_restores_the_same(tmp_path: Path, fmt: int) -> None:
+    unit, expected = _restored(tmp_path / "a", fmt)
     again = build_unit(tmp_path / "b")
     again.load_state_dict(decode(encode(unit.state_dict())))
     pred = again.predictor_.predict(probe())
@@ -40,6 +44,13 @@ def test_a_format1_checkpoint_saved_again_restores_the_same(tmp_path: Path) -> N
     for task in unit.buffer.holdout_tasks:
         assert (again.buffer.holdout(task).features == unit.buffer.holdout(task).features).all()
     assert [len(b) for b in again.buffer.iter_batches()] and len(again.buffer) == len(unit.buffer)
+
+
+def test_the_current_format_is_what_a_unit_writes_and_smaller(tmp_path: Path) -> None:
+    unit, _ = _restored(tmp_path, 1)
+    data = encode(unit.state_dict())
+    assert decode(data)["format"] == STATE_FORMAT
+    assert len(data) < 0.5 * (FIXTURES / "checkpoint-format1.ckpt").stat().st_size
 
 
 def test_a_version1_spacenet_state_loads_into_a_plugin_beside_its_dense_model(tmp_path: Path) -> None:

@@ -77,6 +77,8 @@ def test_a_streams_series_start_when_it_is_taken_on_and_go_when_it_is_handed_ove
         "spacenet_model_published_timestamp_seconds",
         "spacenet_known_classes",
         "spacenet_checkpoint_bytes",
+        "spacenet_holdout_records",
+        "spacenet_holdout_bytes",
         "spacenet_uncheckpointed_messages",
     )
     assert all(value(registry, name, stream="2") is None for name in per_stream)
@@ -89,9 +91,12 @@ def test_a_streams_series_start_when_it_is_taken_on_and_go_when_it_is_handed_ove
     metrics.training_finished(2.0, task=1, stream="2")
     metrics.uncheckpointed_messages("2", 40)
     metrics.checkpoint_size("2", 1234)
+    metrics.holdout_size("2", 50, 39_200)
     metrics.stream_restored(0.3)
     assert value(registry, "spacenet_uncheckpointed_messages", stream="2") == 40.0
     assert value(registry, "spacenet_checkpoint_bytes", stream="2") == 1234.0
+    assert value(registry, "spacenet_holdout_records", stream="2") == 50.0
+    assert value(registry, "spacenet_holdout_bytes", stream="2") == 39_200.0
     assert value(registry, "spacenet_stream_restore_duration_seconds_count") == 1.0
 
     metrics.stream_removed("2")

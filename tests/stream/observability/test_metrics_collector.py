@@ -33,6 +33,8 @@ FAMILIES = {
     "spacenet_task_labels_truncated",
     "spacenet_task_inference_accuracy_ratio",
     "spacenet_task_inference_bytes",
+    "spacenet_learner_state_bytes",
+    "spacenet_dense_model_bytes",
     "spacenet_model_state_errors",
 }
 
@@ -234,6 +236,9 @@ def test_task_inference_accuracy_only_with_the_option(net: SpaceNet) -> None:
         )
         assert sample(registry, "spacenet_task_inference_accuracy_ratio") == accuracy
         assert sample(registry, "spacenet_task_inference_bytes") == 0.0  # net has no statistics
+        dense = sample(registry, "spacenet_dense_model_bytes")
+        assert dense == 4 * (784 * 400 + 400 + 400 * 400 + 400 + 400 * 10 + 10)
+        assert 0 < (sample(registry, "spacenet_learner_state_bytes") or 0) < 0.3 * dense
 
 
 def test_shares_a_registry_with_service_metrics_without_clashes(net: SpaceNet) -> None:
