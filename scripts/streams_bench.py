@@ -169,6 +169,9 @@ def one_process(
     run = serve(bootstrap, topic, work, f"{n}-streams")
     sampler = Sampler(run.proc.pid)
     try:
+        run.wait_for_sample("spacenet_streams", lambda v: v == n, timeout_s=120)
+        time.sleep(1.0)
+        idle = sampler.now()  # up, streams taken on, no record yet
         started = time.monotonic()
         produce(bootstrap, topic, n, data, slice(0, TASKS), limit)
         wait_learned(bootstrap, topic, n, TASKS, [run])
@@ -179,18 +182,29 @@ def one_process(
         peak = sampler.stop()
         run.stop(signal.SIGTERM)
     tasks = n * TASKS
+
+    def per_stream(name: str) -> dict[str, float]:
+        return {str(p): sample(metrics, name, stream=str(p)) for p in range(n)}
+
+    checkpoints = sample(metrics, "spacenet_checkpoint_duration_seconds_count")
     return {
         "streams": n,
         "tasks": tasks,
         "seconds": seconds,
+        "idle_rss_bytes": idle["rss_bytes"],
         "peak_rss_bytes": peak,
         "final_rss_bytes": final["rss_bytes"],
         "cpu_seconds": final["cpu_seconds"],
         "cpu_seconds_per_task": final["cpu_seconds"] / tasks,
         "training_seconds_per_task": sample(metrics, "spacenet_training_duration_seconds_sum") / tasks,
-        "checkpoint_bytes": {
-            str(p): sample(metrics, "spacenet_checkpoint_bytes", stream=str(p)) for p in range(n)
-        },
+        "checkpoint_bytes": per_stream("spacenet_checkpoint_bytes"),
+        "checkpoints": checkpoints,
+        "checkpoint_seconds_mean": sample(metrics, "spacenet_checkpoint_duration_seconds_sum")
+        / max(1, checkpoints),
+        "learner_state_bytes": per_stream("spacenet_learner_state_bytes"),
+        "dense_model_bytes": per_stream("spacenet_dense_model_bytes"),
+        "holdout_bytes": per_stream("spacenet_holdout_bytes"),
+        "holdout_records": per_stream("spacenet_holdout_records"),
         "changelog_bytes": changelog_bytes(bootstrap, topic, n),
     }
 
@@ -240,6 +254,9 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit-per-class", type=int, help="default: every record")
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--only", choices=["one"], help="run only the one-stream case (about a minute): memory and state"
+    )
     args = p.parse_args(argv)
     _isolate_home()
     from spacenet.stream.tools import local_kafka
@@ -251,10 +268,15 @@ def main(argv: list[str]) -> int:
     bootstrap = broker.start()
     try:
         one = one_process(bootstrap, "bench-one", 1, (x, y), work, args.limit_per_class)
-        six = one_process(bootstrap, "bench-six", STREAMS, (x, y), work, args.limit_per_class)
-        handover = scale_up(bootstrap, "bench-up", (x, y), work, args.limit_per_class)
+        if args.only is None:
+            six = one_process(bootstrap, "bench-six", STREAMS, (x, y), work, args.limit_per_class)
+            handover = scale_up(bootstrap, "bench-up", (x, y), work, args.limit_per_class)
     finally:
         broker.stop()
+    if args.only is not None:
+        return _write(
+            {"limit_per_class": args.limit_per_class, "tasks_per_stream": TASKS, "one_stream": one}, args.out
+        )
     more = STREAMS - 1
     report = {
         "limit_per_class": args.limit_per_class,
@@ -268,11 +290,15 @@ def main(argv: list[str]) -> int:
         },
         "scale_up": handover,
     }
+    return _write(report, args.out)
+
+
+def _write(report: dict[str, Any], out: Path | None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
     return 0
 
 

@@ -21,12 +21,10 @@ Fixed hyper-parameters, stated once here and in each entry's description: EWC la
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -66,30 +64,6 @@ class Baseline:
     build: StrategyFactory
     description: str
     caveat: str | None = None
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy, torch (CPU and CUDA) and Avalanche's RNG manager."""
-    from avalanche.training.determinism.rng_manager import RNGManager
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    RNGManager.set_random_seeds(seed)
-
-
-def seed_experience(seed: int, index: int) -> None:
-    """Seed torch's global RNG for training experience ``index`` (0, 1, ...) of a run with
-    ``seed``: what one experience's training draws (the loader's shuffling) then depends on
-    the seed and the experience alone, not on what ran before it (evaluations draw from the
-    same RNG). The benchmark runner and the streaming service both call it, so the service
-    trains a task exactly as the runner trains the same experience.
-
-    >>> seed_experience(3, 1); a = torch.rand(1)
-    >>> seed_experience(3, 1); bool(torch.equal(a, torch.rand(1)))
-    True
-    """
-    torch.manual_seed(seed * 1_000_003 + index)
 
 
 def make_model(info: BenchmarkInfo) -> nn.Module:
@@ -342,7 +316,5 @@ __all__ = [
     "TrainSettings",
     "build_strategy",
     "make_model",
-    "seed_everything",
-    "seed_experience",
     "spacenet_kwargs",
 ]

@@ -31,16 +31,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from spacenet.strategy.baselines import (
-    TrainSettings,
-    build_strategy,
-    make_model,
-    seed_everything,
-    seed_experience,
-)
+from spacenet.strategy.baselines import TrainSettings, build_strategy, make_model
 from spacenet.strategy.benchmarks import BENCHMARKS, build_benchmark
 from spacenet.strategy.cl_metrics import AccuracyMatrix
 from spacenet.strategy.rss import peak_rss_bytes
+from spacenet.strategy.seeding import seed_everything, seed_experience
 
 _EXP_ACC = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/(?:.*/)?Exp(\d+)$")
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from spacenet.strategy.calibration import TaskLogitNorm
 from spacenet.strategy.capacity import CapacityReport
+from spacenet.strategy.plugin_state import load_plugin_state, plugin_state
 from spacenet.strategy.spacenet import SpaceNet
 
 
@@ -64,6 +65,18 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
         self.model_: nn.Module | None = None
         self._plain_sgd = False
         self._pending_state: dict[str, Any] | None = None
+
+    @classmethod
+    def around(
+        cls, spacenet: SpaceNet, model: nn.Module, calibration: TaskLogitNorm | None = None
+    ) -> SpaceNetPlugin:
+        """A plugin that drives ``spacenet``, already attached to ``model`` and left as it is
+        (for code that holds a SpaceNet and imports Avalanche only to train)."""
+        if calibration is not None and spacenet.task_inference is not None:
+            raise ValueError("calibration and task_inference both rescore the outputs: choose one")
+        plugin = cls(calibration=calibration)
+        plugin.spacenet, plugin.model_ = spacenet, model
+        return plugin
 
     # ---------------------------------------------------------------- set-up
     def attach(self, model: nn.Module) -> SpaceNetPlugin:
@@ -153,10 +166,7 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
         parameters SpaceNet all manages (``SpaceNetMLP``) it is the whole learned state."""
         if self.model_ is None:
             raise RuntimeError("nothing to save: the plugin has not seen a model yet")
-        state: dict[str, Any] = {"spacenet": self.spacenet.state_dict()}
-        if self.calibration is not None:
-            state["calibration"] = self.calibration.state_dict()
-        return state
+        return plugin_state(self.spacenet, self.calibration)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore; applied at once if a model is attached, else when one is."""
@@ -166,6 +176,4 @@ class SpaceNetPlugin(SupervisedPlugin):  # type: ignore[misc]
             self._load(state)
 
     def _load(self, state: dict[str, Any]) -> None:
-        self.spacenet.load_state_dict(state["spacenet"])
-        if self.calibration is not None and "calibration" in state:
-            self.calibration.load_state_dict(state["calibration"])
+        load_plugin_state(state, self.spacenet, self.calibration)

@@ -1,10 +1,14 @@
 """The service's learner: a SpaceNet model trained task by task through Avalanche.
 
-``Learner`` owns the model and the ``SpaceNetPlugin``; ``train_task`` runs one
+``Learner`` owns the model and its ``SpaceNet``; ``train_task`` runs one
 class-incremental experience (no task label) built from the task buffer with
-Avalanche's ``Naive`` template and the plugin; ``evaluate`` scores every task's
-held-out sample; ``frozen_copy`` gives the read-only ``Predictor`` that serves
-predictions while the next task trains.
+Avalanche's ``Naive`` template and a ``SpaceNetPlugin`` around that SpaceNet; ``evaluate``
+scores every task's held-out sample; ``frozen_copy`` gives the read-only ``Predictor``
+that serves predictions while the next task trains.
+
+Avalanche is imported, and the strategy built, when the first task trains: importing it
+loads torchvision, torchmetrics, SciPy, the QP solvers and more (about 430 MB of resident
+memory here), which a process that restores and serves does not need.
 
     >>> import numpy as np
     >>> from spacenet.stream.buffer import TaskBuffer
@@ -37,14 +41,15 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 import torch
-from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from spacenet.strategy.baselines import seed_experience
 from spacenet.strategy.calibration import TaskLogitNorm
 from spacenet.strategy.models import SpaceNetMLP
-from spacenet.strategy.spacenet import ExhaustedPolicy
+from spacenet.strategy.plugin_state import load_plugin_state, plugin_state
+from spacenet.strategy.rss import trim_heap
+from spacenet.strategy.seeding import seed_experience
+from spacenet.strategy.spacenet import ExhaustedPolicy, SpaceNet
 from spacenet.strategy.task_inference import TaskInference
 from spacenet.stream.config import ServiceConfig
 from spacenet.stream.faults import maybe_crash
@@ -144,14 +149,9 @@ class Predictor:
 
 
 class Learner:
-    """Model + SpaceNet plugin + Avalanche strategy, on one device."""
+    """Model + SpaceNet on one device; the Avalanche strategy that trains them, once needed."""
 
     def __init__(self, cfg: ServiceConfig, device: torch.device | str | None = None) -> None:
-        from avalanche.training import Naive
-        from avalanche.training.plugins import EvaluationPlugin
-
-        from spacenet.strategy.plugin import SpaceNetPlugin
-
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else pick_device(cfg.device)
         # The accelerator's name, for ``spacenet_device_info`` ("" on the CPU).
@@ -159,7 +159,7 @@ class Learner:
         with torch.random.fork_rng(devices=[]):  # initial weights from cfg.seed, not the global RNG
             torch.manual_seed(cfg.seed)
             self.model = build_model(cfg).to(self.device)
-        self.plugin = SpaceNetPlugin(
+        self.spacenet = SpaceNet(
             n_select=cfg.n_select,
             n_reserve=cfg.n_reserve,
             connections=cfg.spacenet_connections,
@@ -167,34 +167,42 @@ class Learner:
             seed=cfg.seed,
             freeze_used_biases=cfg.freeze_used_biases,
             on_exhausted=cast(ExhaustedPolicy, cfg.on_exhausted),  # validated by ServiceConfig
-            calibration=TaskLogitNorm() if cfg.calibrate else None,
             task_inference=(
                 # The statistics see the raw features: 0 .. 1/input_scale.
                 TaskInference(input_range=(0.0, 1.0 / cfg.input_scale), seed=cfg.seed)
                 if cfg.task_inference
                 else None
             ),
-        )
+        ).attach(self.model)
+        self.calibration = TaskLogitNorm() if cfg.calibrate else None
         self.stop_ = threading.Event()
         self.steps_ = 0
+        self._strategy: Any = None  # built by the first train_task
+
+    def _training_strategy(self) -> Any:
+        """Avalanche's ``Naive`` with a ``SpaceNetPlugin`` around this SpaceNet (built once)."""
+        if self._strategy is not None:
+            return self._strategy
+        from avalanche.training import Naive
+        from avalanche.training.plugins import EvaluationPlugin
+
+        from spacenet.strategy.plugin import SpaceNetPlugin
+
+        plugin = SpaceNetPlugin.around(self.spacenet, self.model, self.calibration)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no loggers": on purpose, metrics go to Prometheus
             evaluator = EvaluationPlugin(loggers=[])
-        self.strategy = Naive(
+        self._strategy = Naive(
             model=self.model,
-            optimizer=torch.optim.SGD(self.model.parameters(), lr=cfg.lr),
-            train_mb_size=cfg.batch_size,
-            train_epochs=cfg.epochs,
+            optimizer=torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr),
+            train_mb_size=self.cfg.batch_size,
+            train_epochs=self.cfg.epochs,
             eval_mb_size=1024,
             device=self.device,
-            plugins=[self.plugin, _StepHook(self)],
+            plugins=[plugin, _step_hook(self)],
             evaluator=evaluator,
         )
-        self.plugin.attach(self.model)
-
-    @property
-    def spacenet(self) -> Any:
-        return self.plugin.spacenet
+        return self._strategy
 
     def train_task(self, dataset: Dataset[tuple[Tensor, int]], classes: list[int]) -> float:
         """Train one task; returns seconds. Raises ``TrainingAbandoned`` on ``stop_``."""
@@ -212,11 +220,17 @@ class Learner:
             fixed_class_order=sorted(classes),
         )
         seed_experience(self.cfg.seed, self.spacenet.tasks_learned_)  # as the offline runner does
+        strategy = self._training_strategy()
         start = time.perf_counter()
-        self.strategy.train(bench.train_stream[0], num_workers=0)
+        try:
+            strategy.train(bench.train_stream[0], num_workers=0)
+            seconds = time.perf_counter() - start
+        finally:
+            strategy.loss = strategy.dataloader = None  # the last batch's graph, the task's loader
+            trim_heap()
         if self.stop_.is_set():
             raise TrainingAbandoned("stopped during training")
-        return time.perf_counter() - start
+        return seconds
 
     @torch.no_grad()
     def evaluate(self, datasets: Mapping[int, Dataset[tuple[Tensor, int]]]) -> dict[int, tuple[float, int]]:
@@ -254,7 +268,7 @@ class Learner:
         net = self.spacenet
         units = torch.arange(net.output.out_units, device=self.device)
         model = copy.deepcopy(self.model) if copy_model else self.model
-        cal = copy.deepcopy(self.plugin.calibration) if self.plugin.calibration is not None else None
+        cal = copy.deepcopy(self.calibration) if self.calibration is not None else None
         return Predictor(
             model,
             net.labels_of(units),
@@ -266,11 +280,12 @@ class Learner:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The plugin's sparse state, which carries the SpaceNet-managed weights, and the rest
-        of the model's state (the input standardisation)."""
+        """The plugin's state (``plugin_state``: SpaceNet's sparse state, which carries the
+        managed weights, and the calibration's) and the rest of the model's state (the input
+        standardisation)."""
         managed = set(self.spacenet.parameter_names())
         rest = {k: v for k, v in self.model.state_dict().items() if k not in managed}
-        return {"model": rest, "plugin": self.plugin.state_dict()}
+        return {"model": rest, "plugin": plugin_state(self.spacenet, self.calibration)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict`` output, or a first-format one whose ``model`` is dense."""
@@ -278,20 +293,21 @@ class Learner:
         stray = set(missing) - set(self.spacenet.parameter_names())
         if unexpected or stray:
             raise ValueError(f"learner state does not fit this model: missing {stray}, extra {unexpected}")
-        self.plugin.load_state_dict(state["plugin"])
+        load_plugin_state(state["plugin"], self.spacenet, self.calibration)
 
 
-class _StepHook(SupervisedPlugin):  # type: ignore[misc]
-    """Counts steps, honours stop requests, and carries the ``training`` crash point."""
+def _step_hook(learner: Learner) -> Any:
+    """An Avalanche plugin that counts steps, honours stop requests, and carries the
+    ``training`` crash point (defined here: Avalanche is imported when training starts)."""
+    from avalanche.core import SupervisedPlugin
 
-    def __init__(self, learner: Learner) -> None:
-        super().__init__()
-        self.learner = learner
+    class StepHook(SupervisedPlugin):  # type: ignore[misc]
+        def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+            if learner.stop_.is_set():
+                strategy.stop_training()
+            maybe_crash("training")
 
-    def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        if self.learner.stop_.is_set():
-            strategy.stop_training()
-        maybe_crash("training")
+        def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+            learner.steps_ += 1
 
-    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        self.learner.steps_ += 1
+    return StepHook()

@@ -4,7 +4,8 @@ import sys, json, time, torch
 torch.set_num_threads(1)
 from avalanche.core import SupervisedPlugin
 from spacenet.strategy.benchmarks import build_benchmark, BENCHMARKS
-from spacenet.strategy.baselines import build_strategy, TrainSettings, make_model, seed_everything, seed_experience
+from spacenet.strategy.baselines import build_strategy, TrainSettings, make_model
+from spacenet.strategy.seeding import seed_everything, seed_experience
 from spacenet.strategy.plugin import dataset_tensors
 from spacenet.strategy.task_inference import TaskInference
 VARIANTS = {

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -54,3 +59,28 @@ def test_task_inference_setting_predicts_scores_and_round_trips() -> None:
     after = again.frozen_copy(version=2).predict(x)
     assert torch.equal(before.labels, after.labels) and torch.equal(before.scores, after.scores)
     assert Learner(ServiceConfig(), device="cpu").task_inference_accuracy(held_out) is None
+
+
+def test_a_process_that_restores_and_serves_never_imports_avalanche(tmp_path: Path) -> None:
+    """Avalanche's imports cost about 430 MB of resident memory: loaded only to train."""
+    root = Path(__file__).resolve().parents[2]
+    script = """
+import sys
+from pathlib import Path
+from spacenet.stream import serve, loop, runtime, predict, unit  # the whole service
+from spacenet.stream.checkpoint import decode
+from tests.support.checkpoint_fixture import build_unit, learn, probe
+u = build_unit(Path(sys.argv[1]) / "a")
+u.load_state_dict(decode(Path("tests/fixtures/checkpoint-format2.ckpt").read_bytes()))
+u.predictor_.predict(probe())
+heavy = [m for m in ("avalanche", "torchvision", "torchmetrics", "qpsolvers") if m in sys.modules]
+assert not heavy, heavy
+learn(build_unit(Path(sys.argv[1]) / "b"))  # training loads it
+assert "avalanche" in sys.modules
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
