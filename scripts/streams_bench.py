@@ -206,6 +206,37 @@ def one_process(
         "holdout_bytes": per_stream("spacenet_holdout_bytes"),
         "holdout_records": per_stream("spacenet_holdout_records"),
         "changelog_bytes": changelog_bytes(bootstrap, topic, n),
+        "checkpoint_write": checkpoint_write(work / f"{n}-streams"),
+    }
+
+
+def checkpoint_write(state_dir: Path, repeats: int = 20) -> dict[str, Any]:
+    """Stream 0's newest checkpoint, as the service left it: its parts' sizes, and the time to
+    encode it and write it atomically (fsynced) again, here, ``repeats`` times."""
+    import statistics
+
+    from spacenet.stream.checkpoint import encode
+    from spacenet.stream.state_store import LocalStates
+
+    cache = LocalStates(state_dir / "checkpoints")
+    payload = cache.load(0)
+    assert payload is not None, "no checkpoint of stream 0"
+    target = LocalStates(Path(tempfile.mkdtemp(prefix="ckpt-write-")))
+    seconds = []
+    for version in range(1, repeats + 1):
+        started = time.perf_counter()
+        target.save(0, version, payload)
+        seconds.append(time.perf_counter() - started)
+    parts = {  # records are zstd Arrow IPC, one uint8 tensor each (records.pack)
+        "learner": len(encode({"learner": payload["learner"]})),
+        "held_out_records": sum(t.numel() for t in payload["holdout"].values()),
+        "open_and_pending_records": payload["open_records"].numel() + payload["pending"].numel(),
+    }
+    return {
+        "bytes": target.size(0),
+        "parts_bytes": parts,
+        "write_seconds_median": statistics.median(seconds),
+        "write_seconds_max": max(seconds),
     }
 
 
