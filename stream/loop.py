@@ -282,9 +282,13 @@ class Loop:
             log.error("%s; offsets stay uncommitted, retrying in %.0f s", e, CHECKPOINT_RETRY_S)
             return False
         stream.checkpointed, stream.stored = dict(unit.positions_), True
-        self.m.checkpoint_size(unit.stream, self.store.size(stream.partition))
-        self.m.holdout_size(unit.stream, unit.buffer.holdout_records, unit.buffer.holdout_bytes)
+        self._report_sizes(unit, stream.partition)
         return True
+
+    def _report_sizes(self, unit: StreamUnit, partition: int) -> None:
+        """The stream's newest checkpoint's bytes and its held-out store's, to the metrics."""
+        self.m.checkpoint_size(unit.stream, self.store.size(partition))
+        self.m.holdout_size(unit.stream, unit.buffer.holdout_records, unit.buffer.holdout_bytes)
 
     def _publish(self, stream: Stream) -> None:
         """Serve the stream's newest model and announce it if the topic lacks it."""
@@ -363,7 +367,7 @@ class Loop:
                 stream.due = True
             else:
                 stream.announced = unit.model_version_
-            self.m.checkpoint_size(unit.stream, self.store.size(tp.partition))
+            self._report_sizes(unit, tp.partition)
         self.streams[tp.partition] = stream
         if tp.partition in unit.positions_:
             self.consumer.seek(tp, unit.positions_[tp.partition])

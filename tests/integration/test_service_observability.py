@@ -239,6 +239,15 @@ def test_values_are_sane(observed: Observed) -> None:
     assert observed.one("sum(spacenet_predicted_records_total)") == 60
     age = observed.one("time() - max(spacenet_last_checkpoint_timestamp_seconds > 0)")
     assert 0 <= age <= time.time() - observed.started_at
+    # The sparse learner state against the dense model (FAST_SETTINGS: 784-64-64-10); the
+    # state also holds the task-inference statistics, which have their own series.
+    dense = observed.one("max(spacenet_dense_model_bytes)")
+    assert dense == 4 * (784 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10)
+    sparse = observed.one("max(spacenet_learner_state_bytes - spacenet_task_inference_bytes)")
+    assert 0 < sparse < 0.4 * dense
+    held = observed.one("max(spacenet_holdout_records)")
+    assert held > 0 and observed.one("max(spacenet_holdout_bytes)") >= held * 784
+    assert observed.one("max(spacenet_checkpoint_bytes)") < 2_000_000
 
 
 def test_task_boundaries_count_openings_plus_the_closing_timeout(observed: Observed) -> None:

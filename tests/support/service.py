@@ -108,8 +108,9 @@ def service_settings(
 
 
 # The changelog topics the tests create take messages of at most this size, so that
-# checkpoints of the tests' small models are cut into a few chunks too.
-CHANGELOG_MAX_MESSAGE_BYTES = 128 << 10
+# checkpoints of the tests' small models (tens of kB, sparse and compressed) are cut into a
+# few chunks too.
+CHANGELOG_MAX_MESSAGE_BYTES = 16 << 10
 
 
 def create_topics(bootstrap: str, topic: str, partitions: int = 1) -> None:
