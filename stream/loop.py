@@ -316,10 +316,11 @@ class Loop:
         unit = stream.unit
         version = unit.model_version_
         event = json.dumps(unit.announcement()).encode()
+        # Serving already: the gauge says so before anyone can read the announcement.
+        self.m.model_published(unit.stream, version)
         self.producer.send(self.cfg.models_topic, key=unit.stream.encode(), value=event)
         self.producer.flush()  # on the topic before the offsets it covers are committed
         stream.announced = version
-        self.m.model_published(unit.stream, version)
         log.info("stream %d: published model version %d", stream.partition, version)
 
     # ------------------------------------------------------- taking on, handing over
