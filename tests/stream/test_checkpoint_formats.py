@@ -9,13 +9,13 @@ import torch
 
 from spacenet.strategy import SpaceNetPlugin
 from spacenet.stream.checkpoint import decode, encode
-from spacenet.stream.unit import STATE_FORMAT
+from spacenet.stream.unit import STATE_FORMAT, StreamUnit
 from tests.support.checkpoint_fixture import build_unit, probe
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
-def _restored(tmp_path: Path, fmt: int) -> tuple[object, dict[str, torch.Tensor]]:
+def _restored(tmp_path: Path, fmt: int) -> tuple[StreamUnit, dict[str, torch.Tensor]]:
     state = decode((FIXTURES / f"checkpoint-format{fmt}.ckpt").read_bytes())
     assert state["format"] == fmt
     unit = build_unit(tmp_path)

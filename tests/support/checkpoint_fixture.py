@@ -4,7 +4,7 @@
 tests.support.checkpoint_fixture <dir>`` from the checkout's root, run at the commit named in
 ``tests/fixtures/README.md``); the tests build the same unit to load them into. The stream
 is two closed tasks ({0, 1}, {2, 3}) with held-out samples, then an open task ({4, 5})
-whose records are buffered, some still pending.
+whose 21 training records are buffered.
 """
 
 from __future__ import annotations
