@@ -89,6 +89,8 @@ def _stream(name: str, view: StreamView) -> str:
     parts.append(
         f'<div class="kpi">avg forgetting<b>{_pct(acc.average_forgetting if acc else None)}</b></div>'
     )
+    state_kb = f"{cap.state_bytes / 1000:,.1f} KB"
+    parts.append(f'<div class="kpi">learner state ({cap.state_ratio:.2f}x dense)<b>{state_kb}</b></div>')
     parts.append("<h2>Free capacity</h2><table>")
     for layer in cap.layers:
         share = layer.free_neurons / layer.neurons if layer.neurons else 0.0

@@ -261,6 +261,7 @@ def print_report(final: dict[str, Any], test: dict[str, Any], rss: int | None) -
             for layer in cap["layers"]
         )
         + f"; estimated tasks remaining {cap['tasks_remaining']}"
+        + f"; learner state {cap['state_bytes'] / 1000:.1f} KB, {cap['state_ratio']:.2f}x the dense model"
     )
     if rss is not None:
         print(f"[demo] service peak RSS {rss / 2**20:.0f} MiB")

@@ -36,6 +36,9 @@ def test_a_stream_shows_its_tasks_capacity_matrix_and_forgetting() -> None:
     assert page.count('<td class="h"') == 4  # a 2 x 2 heat map, one cell not measured
     assert "0.300</td>" in page  # task 0's forgetting: 0.9 -> 0.6
     assert "320 / 400 neurons free" in page and "6 / 10 neurons free" in page  # 2 tasks reserved 40 each
+    cap = view.streams["0"].state.capacity  # type: ignore[union-attr]
+    assert f"learner state ({cap.state_ratio:.2f}x dense)<b>{cap.state_bytes / 1000:,.1f} KB</b>" in page
+    assert 0 < cap.state_ratio < 0.3
     assert "<th>undecodable</th><td>3</td>" in page and "too_large" not in page  # zero counts left out
     assert (
         page.count("opened</td>") == 2 and "http://" not in page and "https://" not in page
