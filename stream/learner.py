@@ -7,7 +7,7 @@ scores every task's held-out sample; ``frozen_copy`` gives the read-only ``Predi
 that serves predictions while the next task trains.
 
 Avalanche is imported, and the strategy built, when the first task trains: importing it
-loads torchvision, torchmetrics, SciPy, the QP solvers and more (about 430 MB of resident
+loads torchvision, torchmetrics, SciPy, the QP solvers and more (about 420 MiB of resident
 memory here), which a process that restores and serves does not need.
 
     >>> import numpy as np

@@ -62,7 +62,7 @@ def test_task_inference_setting_predicts_scores_and_round_trips() -> None:
 
 
 def test_a_process_that_restores_and_serves_never_imports_avalanche(tmp_path: Path) -> None:
-    """Avalanche's imports cost about 430 MB of resident memory: loaded only to train."""
+    """Avalanche's imports cost about 420 MiB of resident memory: loaded only to train."""
     root = Path(__file__).resolve().parents[2]
     script = """
 import sys
