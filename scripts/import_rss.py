@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    import psutil
+    import psutil  # not strategy.rss.rss_bytes: importing spacenet.strategy loads torch first
 
     process = psutil.Process()
     steps: list[dict[str, Any]] = [{"step": "interpreter", "rss_bytes": process.memory_info().rss}]

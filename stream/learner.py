@@ -223,10 +223,9 @@ class Learner:
         strategy = self._training_strategy()
         start = time.perf_counter()
         try:
-            strategy.train(bench.train_stream[0], num_workers=0)
+            strategy.train(bench.train_stream[0], num_workers=0)  # its cleanup drops the task's loader
             seconds = time.perf_counter() - start
         finally:
-            strategy.loss = strategy.dataloader = None  # the last batch's graph, the task's loader
             trim_heap()
         if self.stop_.is_set():
             raise TrainingAbandoned("stopped during training")

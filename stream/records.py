@@ -135,7 +135,7 @@ def pack(records: Records) -> torch.Tensor:
     options = pa.ipc.IpcWriteOptions(compression=pa.Codec(PACK_CODEC, 1))
     with pa.ipc.new_stream(sink, batch.schema, options=options) as writer:
         writer.write_batch(batch)
-    return torch.frombuffer(bytearray(sink.getvalue().to_pybytes()), dtype=torch.uint8)
+    return torch.from_numpy(np.frombuffer(sink.getvalue(), np.uint8).copy())  # one copy, writeable
 
 
 def unpack(packed: torch.Tensor | dict[str, torch.Tensor]) -> Records:

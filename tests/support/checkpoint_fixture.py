@@ -69,8 +69,8 @@ def main(out: Path) -> None:
 
     unit = learn(build_unit(out / "state"))
     pred = unit.predictor_.predict(probe())
-    data = encode(unit.state_dict())
-    fmt = unit.state_dict()["format"]
+    state = unit.state_dict()
+    data, fmt = encode(state), state["format"]
     (out / f"checkpoint-format{fmt}.ckpt").write_bytes(data)
     torch.save({"labels": pred.labels, "scores": pred.scores}, out / f"checkpoint-format{fmt}.predictions.pt")
     print(f"format {fmt}: {len(data)} bytes, classes {unit.predictor_.known_labels.tolist()}")
