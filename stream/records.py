@@ -90,7 +90,7 @@ class Records:
 
 
 ARROW_FORMAT = 1  # the schema below; kept in its metadata as "format"
-PACK_CODEC = "zstd"  # level 1: MNIST records shrink to about 0.21x in about 2 ms a MB
+PACK_CODEC = "zstd"  # level 1: MNIST records shrink to about 0.21x, in about 2.5 ms a MB here
 
 
 def to_arrow(records: Records, meta: dict[str, Any] | None = None) -> pa.RecordBatch:
